@@ -1,0 +1,237 @@
+"""``DiffusionLM``: a native transformers causal-LM class used as a mask predictor.
+
+The wrapped model is an ordinary ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+``Qwen3ForCausalLM`` (no ``trust_remote_code``). What makes it a diffusion model is the 4-D
+attention mask it is run with (see :mod:`unmask.models.attention`) and three settings that
+are saved in its ``config.json`` under ``diffusion``: the mask token, the attention layout
+with its block size, and whether logits are shifted by one (Dream/DiffuCoder predict
+position i from the hidden state at i-1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.cache_utils import Cache
+
+from unmask.models.attention import BLOCK_ALIGNS, LAYOUTS, BlockAlign, Layout
+from unmask.models.tokenizer import resolve_mask_token_id
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DiffusionSettings:
+    """How a causal-LM class is used as a diffusion model; saved in ``config.diffusion``.
+
+    ``block_size`` is the attention block of a ``block`` model (and its default decoding
+    block); for a ``full`` model it is only the default decoding block of the sampler.
+    ``block_align`` says where blocks start (see :func:`unmask.models.attention.block_origin`).
+    """
+
+    mask_token_id: int
+    layout: Layout = "full"
+    block_size: int = 32
+    shift_logits: bool = False
+    block_align: BlockAlign = "prompt"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"diffusion.layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.block_align not in BLOCK_ALIGNS:
+            raise ValueError(
+                f"diffusion.block_align must be one of {BLOCK_ALIGNS}, got {self.block_align!r}"
+            )
+        if int(self.block_size) < 1:
+            raise ValueError(f"diffusion.block_size must be >= 1, got {self.block_size}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionSettings:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown diffusion settings {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+class DiffusionLM(nn.Module):
+    """A causal-LM backbone plus the settings that make it a mask predictor."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        settings: DiffusionSettings,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        model_type = getattr(model.config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type {model_type!r} is not supported; use one of {SUPPORTED_MODEL_TYPES} "
+                "(published dLLM checkpoints are converted into these classes)"
+            )
+        if not 0 <= settings.mask_token_id < model.config.vocab_size:
+            raise ValueError(
+                f"mask_token_id {settings.mask_token_id} is outside the model's vocabulary "
+                f"({model.config.vocab_size})"
+            )
+        self.model = model
+        self.settings = settings
+        self.tokenizer = tokenizer
+        model.config.diffusion = dataclasses.asdict(settings)
+        if not torch.cuda.is_available():
+            # fp32 training on CPU slows down 20-50x on denormal numbers.
+            torch.set_flush_denormal(True)
+
+    # -- properties the sampler and trainers read ------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.settings.mask_token_id
+
+    @property
+    def layout(self) -> Layout:
+        return self.settings.layout
+
+    @property
+    def block_size(self) -> int:
+        return self.settings.block_size
+
+    @property
+    def shift_logits(self) -> bool:
+        return self.settings.shift_logits
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- the forward -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_bias: torch.Tensor,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, Q, V]`` where ``logits[:, i]`` predicts the token at query column i.
+
+        ``attention_bias`` is the additive ``[B, 1, Q, K]`` mask over the cached keys followed
+        by the query's own keys. For shifted models the prediction for column i comes from
+        column i-1, so column 0's row is meaningless: callers include one column of context.
+        A given cache is appended to; callers crop it (see the sampler).
+        """
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_bias.to(self.dtype),
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+        logits = out.logits
+        if self.shift_logits:
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+    # -- saving and loading ------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
+        """Hugging Face layout: config (with ``diffusion``), safetensors weights, tokenizer."""
+        self.model.config.diffusion = dataclasses.asdict(self.settings)
+        self.model.save_pretrained(str(path), **kwargs)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(path))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "auto",
+        **settings: Any,
+    ) -> DiffusionLM:
+        """Load a preset name, a local folder or a hub name saved in this layout.
+
+        ``device="auto"`` takes CUDA when present; ``dtype="auto"`` is bf16 there, fp32 on CPU.
+        ``settings`` override the saved diffusion settings (for example a larger
+        ``block_size``). A checkpoint without saved settings needs ``mask_token_id`` and
+        ``layout`` here, or a conversion first.
+        """
+        from unmask.models.presets import PRESETS, from_preset
+
+        name = str(name_or_path)
+        device = resolve_device(device)
+        torch_dtype = _dtype(dtype, device)
+        if name in PRESETS and not Path(name).exists():
+            return from_preset(name, **settings).to(device=device, dtype=torch_dtype)
+        path = Path(name)
+        if path.exists() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=False)
+        except OSError as err:
+            raise FileNotFoundError(
+                f"cannot load model {name!r}: it is not a preset ({', '.join(PRESETS)}), not a "
+                f"local folder, and loading it from the hub failed ({err})"
+            ) from err
+        saved = dict(getattr(config, "diffusion", None) or {})
+        tokenizer = _load_tokenizer(name)
+        saved.update(settings)
+        if "mask_token_id" not in saved and tokenizer is not None:
+            saved["mask_token_id"] = resolve_mask_token_id(tokenizer, None)
+        if "mask_token_id" not in saved:
+            raise ValueError(
+                f"{name}: config.json has no 'diffusion' settings and no mask token is known; "
+                "pass mask_token_id= and layout=, or convert the checkpoint first"
+            )
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False
+        )
+        return cls(model, DiffusionSettings.from_dict(saved), tokenizer).to(device)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _load_tokenizer(name: str) -> PreTrainedTokenizerBase | None:
+    path = Path(name)
+    if path.is_dir() and not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None
+    return AutoTokenizer.from_pretrained(name, trust_remote_code=False)

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny models made in the test, never downloaded."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def block_model():
+    from unmask.models import from_preset
+
+    return from_preset("nano-block", seed=1).eval()
+
+
+@pytest.fixture(scope="session")
+def full_model():
+    from unmask.models import from_preset
+
+    return from_preset("nano-full", seed=2).eval()
