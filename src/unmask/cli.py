@@ -60,6 +60,24 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from unmask.eval.evaluate import EvalConfig, run_eval
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={json.dumps(args.model)}")
+    summary = run_eval(load_config(EvalConfig, args.config, overrides))
+    low, high = summary["accuracy_ci95"]
+    print(json.dumps(summary, indent=2))
+    print(
+        f"accuracy {summary['accuracy']:.3f} (95% CI {low:.3f}-{high:.3f}) on "
+        f"{summary['num_samples']} samples, mean NFE {summary['mean_nfe']:.1f}, "
+        f"{summary['tokens_per_step']:.2f} tokens/step",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def render_trace(tokens: Sequence[str], steps: Sequence[int]) -> str:
     """One line per denoising step: the tokens it unmasked, at their positions."""
     lines = []
@@ -85,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--trace", action="store_true", help="show which step unmasked each token")
     gen.add_argument("--json", action="store_true", help="print one JSON line per completion")
     gen.set_defaults(run=_generate)
+    ev = commands.add_parser("eval", help="evaluate a model on a task split")
+    ev.add_argument("config", nargs="?", help="YAML config (see configs/eval_sudoku_tiny.yaml)")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limit=64")
+    ev.add_argument("--model", help="preset name, local folder or hub name")
+    ev.set_defaults(run=_eval)
     return parser
 
 
@@ -96,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = None
     try:
         return int(args.run(args))
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, TypeError, FileNotFoundError) as err:
         print(f"unmask {args.command}: error: {err}", file=sys.stderr)
         return 2
 
