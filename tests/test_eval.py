@@ -22,7 +22,7 @@ def test_pass_at_k_matches_enumeration():
 
 def test_wilson_interval_contains_estimate():
     low, high = wilson_interval(30, 100)
-    assert low < 0.3 < high and 0.2 < low and high < 0.41
+    assert low < 0.3 < high and low > 0.2 and high < 0.41
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(0, 50)[1] > 0
 
 
