@@ -107,6 +107,7 @@ def evaluate(
         nfe += rollout.nfe
         completions = rollout.completion_texts(tokenizer)
         scores = task.score(prompts, completions, batch_columns)
+        totals = task.weighted_sum(scores)
         for i, completion in enumerate(completions):
             keep = rollout.completion_mask[i]
             rewards = {name: values[i] for name, values in scores.items()}
@@ -120,7 +121,7 @@ def evaluate(
                     "steps": rollout.steps[i][keep].tolist(),
                     "num_steps": int(rollout.num_steps[i]),
                     "rewards": rewards,
-                    "reward": weighted_reward(rewards, task),
+                    "reward": totals[i],
                     "correct": rewards.get(task.accuracy_reward) == 1.0,
                 }
             )
@@ -137,14 +138,6 @@ def evaluate(
                 f.write(json.dumps(record) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def weighted_reward(rewards: dict[str, float | None], task: Task) -> float | None:
-    """The task's weighted sum of rewards; None if any reward could not be computed."""
-    if any(v is None for v in rewards.values()):
-        return None
-    names = [f.__name__ for f in task.reward_funcs]
-    return float(sum(w * rewards[n] for n, w in zip(names, task.reward_weights, strict=True)))
 
 
 def summarise(

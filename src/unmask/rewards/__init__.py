@@ -1,0 +1,34 @@
+"""Reward building blocks: answer extraction, a safe arithmetic evaluator, math verification.
+
+Task-specific reward functions live with their task in :mod:`unmask.tasks`.
+"""
+
+from unmask.rewards.arithmetic import Evaluation, ExpressionError, Limits, evaluate
+from unmask.rewards.extract import answer_tag, completion_text, last_boxed, last_number
+from unmask.rewards.math import (
+    MathVerifier,
+    as_latex,
+    boxed_format,
+    close,
+    get_verifier,
+    set_verifier,
+    verify_answers,
+)
+
+__all__ = [
+    "Evaluation",
+    "ExpressionError",
+    "Limits",
+    "MathVerifier",
+    "answer_tag",
+    "as_latex",
+    "boxed_format",
+    "close",
+    "completion_text",
+    "evaluate",
+    "get_verifier",
+    "last_boxed",
+    "last_number",
+    "set_verifier",
+    "verify_answers",
+]

@@ -1,0 +1,42 @@
+"""Task names to task classes; ``get_task`` checks options so a typo is an error, not a no-op."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from unmask.tasks.base import Task
+from unmask.tasks.countdown import CountdownTask
+from unmask.tasks.gsm8k import GSM8KTask
+from unmask.tasks.math500 import Math500Task
+from unmask.tasks.sudoku import SudokuTask
+
+TASKS: dict[str, type[Task]] = {
+    "sudoku": SudokuTask,
+    "countdown": CountdownTask,
+    "gsm8k": GSM8KTask,
+    "math500": Math500Task,
+}
+
+
+def task_options(name: str) -> list[str]:
+    """The options ``get_task(name, ...)`` accepts."""
+    return sorted(f.name for f in fields(_task_class(name)) if f.init)
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """The task called ``name`` configured by ``options`` (see each task class)."""
+    valid = task_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)} for task {name!r}; "
+            f"valid options: {', '.join(valid)}"
+        )
+    return _task_class(name)(**options)
+
+
+def _task_class(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return TASKS[name]
