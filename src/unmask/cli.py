@@ -78,6 +78,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    from unmask.train.sft import SFTConfig, train_sft
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model={json.dumps(args.model)}")
+    if args.resume:
+        overrides.append(f"resume={json.dumps(args.resume)}")
+    final = train_sft(load_config(SFTConfig, args.config, overrides))
+    print(f"final model: {final}")
+    return 0
+
+
 def render_trace(tokens: Sequence[str], steps: Sequence[int]) -> str:
     """One line per denoising step: the tokens it unmasked, at their positions."""
     lines = []
@@ -108,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limit=64")
     ev.add_argument("--model", help="preset name, local folder or hub name")
     ev.set_defaults(run=_eval)
+    sft = commands.add_parser("sft", help="masked-diffusion supervised fine-tuning")
+    sft.add_argument("config", nargs="?", help="YAML config (see configs/sft_sudoku_tiny.yaml)")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=200")
+    sft.add_argument("--model", help="preset name, local folder or hub name to start from")
+    sft.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        help="continue from the latest checkpoint in output_dir, or from the folder given",
+    )
+    sft.set_defaults(run=_sft)
     return parser
 
 
