@@ -84,6 +84,9 @@ def _sft(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model={json.dumps(args.model)}")
+    if args.resume and "=" in args.resume:  # `--resume key=value`: argparse took an override
+        overrides.append(args.resume)
+        args.resume = "latest"
     if args.resume:
         overrides.append(f"resume={json.dumps(args.resume)}")
     final = train_sft(load_config(SFTConfig, args.config, overrides))

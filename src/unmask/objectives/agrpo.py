@@ -1,0 +1,99 @@
+"""AGRPO: a Monte-Carlo estimate of TraceRL's sum over K sampled trace steps.
+
+Per rollout, ``mc_samples`` steps are drawn (with replacement) from a proposal ``q`` over the
+steps that unmask completion tokens; the tokens unmasked at a drawn step are scored from the
+state before it with weight ``1 / (K q(t))``, so the weighted sum is unbiased for the sum over
+all steps, and the ``steps`` normalisation (divide by the number of steps) makes it AGRPO's
+per-step average. Repeated draws of a step become one view with the summed weight.
+
+Proposals: ``uniform``; ``surprisal``, ``q(t)`` proportional to the summed ``-log p`` of the
+tokens unmasked at ``t`` under the sampler. AGRPO's own ``entropy`` proposal needs the full
+distribution's entropy at every sampled position, which the rollout does not store; the
+sampled token's surprisal is its single-sample (unbiased) estimate. Any ``q > 0`` keeps the
+estimate unbiased; the proposal only changes its variance.
+
+``low_discrepancy`` stratifies the uniforms over the whole batch, ``u = (perm + U) / (B K)``
+(AGRPO, after arXiv 2409.02908). Old log-probs are the sampler's, so the rollout must be
+sampled with ``return_logprobs=True`` and an exact cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from unmask.objectives.base import Objective, ViewBatch, uniform
+from unmask.objectives.replay import Replay, replay
+from unmask.sampling.rollout import Rollout
+
+STEP_SAMPLING: tuple[str, ...] = ("uniform", "surprisal")
+
+
+@dataclass
+class AGRPO(Objective):
+    mc_samples: int = 8
+    step_sampling: Literal["uniform", "surprisal"] = "uniform"
+    low_discrepancy: bool = True
+
+    name = "agrpo"
+    old_logprobs = "sampler"
+    scores_sampling_distribution = True
+    loss_type = "steps"
+
+    def __post_init__(self) -> None:
+        if self.mc_samples < 1:
+            raise ValueError(f"agrpo.mc_samples must be >= 1, got {self.mc_samples}")
+        if self.step_sampling not in STEP_SAMPLING:
+            raise ValueError(
+                f"agrpo.step_sampling must be one of {STEP_SAMPLING}, got {self.step_sampling!r}"
+                " (entropy sampling needs per-token entropies, which rollouts do not store)"
+            )
+
+    def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        if rollout.logprobs is None:
+            raise ValueError(
+                "agrpo uses the sampler's log-probs as old log-probs: sample with "
+                "return_logprobs=True"
+            )
+        rp = replay(rollout)
+        device = rp.steps.device
+        proposal = self._proposal(rp, rollout.logprobs)
+        rows = torch.nonzero(proposal.sum(dim=1) > 0).flatten()
+        k = self.mc_samples
+        if self.low_discrepancy:
+            total = len(rows) * k
+            u = (torch.randperm(total, generator=generator) + uniform((total,), generator)) / total
+        else:
+            u = uniform((len(rows) * k,), generator)
+        u = u.view(len(rows), k).to(device, torch.float64)
+        q = proposal[rows] / proposal[rows].sum(dim=1, keepdim=True)
+        cdf = q.cumsum(dim=1)
+        last = torch.where(q > 0, torch.arange(q.shape[1], device=device), 0).max(dim=1).values
+        step = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).minimum(last[:, None])
+        weight = 1.0 / (k * q.gather(1, step))
+        width = q.shape[1]
+        keys, inverse = torch.unique((rows[:, None] * width + step).flatten(), return_inverse=True)
+        summed = torch.zeros(len(keys), dtype=torch.float64, device=device)
+        summed = summed.scatter_add(0, inverse, weight.flatten())
+        view_rows = torch.div(keys, width, rounding_mode="floor")
+        t = (keys % width)[:, None]
+        steps = rp.steps[view_rows]
+        masked = rp.canvas.completion[view_rows] & ~((steps >= 0) & (steps < t))
+        scored = rp.scorable[view_rows] & (steps == t)
+        return rp.views(view_rows, masked, scored, summed)
+
+    def _proposal(self, rp: Replay, logprobs: torch.Tensor) -> torch.Tensor:
+        """Unnormalised ``q`` over steps, ``[B, S]`` (float64); 0 where no token is scored."""
+        steps = rp.steps.clamp(min=0)
+        width = int(rp.steps.max()) + 1
+        scored = rp.scorable.double()
+        count = torch.zeros(rp.num_rollouts, width, dtype=torch.float64, device=steps.device)
+        count = count.scatter_add(1, steps, scored)
+        if self.step_sampling == "uniform":
+            return (count > 0).double()
+        rows = torch.arange(rp.num_rollouts, device=steps.device)[:, None]
+        surprisal = -logprobs.to(steps.device).double()[rows, rp.completion_index.clamp(min=0)]
+        mass = torch.zeros_like(count).scatter_add(1, steps, surprisal * scored)
+        return (mass.clamp(min=0) + 1e-8) * (count > 0)

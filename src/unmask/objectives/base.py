@@ -1,0 +1,186 @@
+"""What every RL objective shares: the view batch, the objective interface, token log-probs.
+
+An objective turns a :class:`~unmask.sampling.Rollout` into views: partially-masked states of
+each rollout, the tokens scored in them and their weights. The weights are chosen so that, for
+any per-token quantity ``x``, ``sum over scored tokens of weight * x`` is an unbiased estimate of
+the objective's per-rollout sum (over the completion's tokens, each at the state it is scored
+in). The shared loss (:mod:`unmask.objectives.loss`) then only needs one normalisation rule.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from math import inf
+from typing import ClassVar, Literal
+
+import torch
+
+from unmask.models.diffusion_lm import DiffusionLM
+from unmask.objectives.views import SequenceBatch, View, masked_view, two_stream_view
+from unmask.sampling.remasking import sampling_logits
+from unmask.sampling.rollout import Rollout
+
+OldLogprobs = Literal["recompute", "sampler"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+
+
+@dataclass
+class ViewBatch:
+    """``N`` views of ``B`` rollouts, in the sampler's canvas columns (``W`` wide).
+
+    ``canvas`` holds the rollouts' final canvases (``[B, W]``: positions, blocks, attended
+    columns, and the target ids). Per view (``[N, W]`` unless noted):
+
+    * ``input_ids``: the canvas with the view's hidden columns set to the mask token;
+    * ``scored``: columns whose token is scored; ``weights``: their weights (0 elsewhere);
+    * ``rollout_index`` ``[N]``: the rollout each view comes from;
+    * ``completion_index``: completion position ``j`` of each scored column, else -1, to
+      gather per-token ``[B, G]`` tensors (advantages, sampler log-probs) with
+      :meth:`per_token`;
+    * ``two_stream``: forward ``[clean canvas | noisy copy]`` (block-causal models only), so
+      each block of the view is predicted with the clean blocks before it.
+
+    Attention masks are built per micro-batch by :meth:`forward_view` (a dense mask for every
+    view would cost ``N * W * W``).
+    """
+
+    canvas: SequenceBatch
+    input_ids: torch.Tensor
+    scored: torch.Tensor
+    weights: torch.Tensor
+    rollout_index: torch.Tensor
+    completion_index: torch.Tensor
+    two_stream: bool = False
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.canvas.ids[self.rollout_index]
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return self.canvas.positions[self.rollout_index]
+
+    def select(self, rows: torch.Tensor | slice) -> ViewBatch:
+        """A subset of views (a micro-batch); the canvas is shared."""
+        return replace(
+            self,
+            input_ids=self.input_ids[rows],
+            scored=self.scored[rows],
+            weights=self.weights[rows],
+            rollout_index=self.rollout_index[rows],
+            completion_index=self.completion_index[rows],
+        )
+
+    def to(self, device: torch.device | str) -> ViewBatch:
+        return replace(
+            self,
+            canvas=self.canvas.to(device),
+            input_ids=self.input_ids.to(device),
+            scored=self.scored.to(device),
+            weights=self.weights.to(device),
+            rollout_index=self.rollout_index.to(device),
+            completion_index=self.completion_index.to(device),
+        )
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """``[N, W]`` values of each scored column from ``[B]`` (per rollout) or ``[B, G]``
+        (per completion token) values; 0 where nothing is scored."""
+        values = values.to(self.input_ids.device)
+        if values.dim() == 1:
+            out = values[self.rollout_index][:, None].expand(self.scored.shape)
+        else:
+            rows = self.rollout_index[:, None].expand(self.scored.shape)
+            out = values[rows, self.completion_index.clamp(min=0)]
+        return torch.where(self.scored, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    def forward_view(self, model: DiffusionLM) -> View:
+        """The model inputs of these views: ids, positions, additive mask, logit columns."""
+        c, i = self.canvas, self.rollout_index
+        rows = replace(
+            c, ids=c.ids[i], positions=c.positions[i], blocks=c.blocks[i], real=c.real[i],
+            completion=c.completion[i],
+        )  # fmt: skip
+        if not self.two_stream:
+            return masked_view(rows, self.input_ids, model.layout, model.dtype)
+        if model.layout != "block":
+            raise ValueError("two-stream views need a block-causal model (layout 'block')")
+        return two_stream_view(rows, self.input_ids, model.shift_logits, model.dtype)
+
+
+class Objective(ABC):
+    """A view builder plus its weighting; everything else is shared.
+
+    * ``old_logprobs``: ``"recompute"``: the trainer scores the views with the pre-update
+      model before the first optimizer step of a rollout batch (and must use, for each inner
+      iteration, the same :class:`ViewBatch` for old, current and reference log-probs);
+      ``"sampler"``: the rollout's stored log-probs are the old ones (AGRPO).
+    * ``scores_sampling_distribution``: score tokens under the distribution they were drawn
+      from (pass the sampler's ``temperature``, ``top_k``, ``top_p`` to
+      :func:`token_logprobs`); otherwise temperature 1, the denoiser itself.
+    * ``loss_type`` and ``importance_sampling_level``: the method's own normalisation and ratio
+      level (see :mod:`unmask.objectives.loss`), used when the config does not choose.
+    """
+
+    name: ClassVar[str]
+    old_logprobs: ClassVar[OldLogprobs] = "recompute"
+    scores_sampling_distribution: ClassVar[bool] = False
+    loss_type: ClassVar[str] = "dapo"
+    importance_sampling_level: ClassVar[ImportanceSamplingLevel] = "token"
+
+    @abstractmethod
+    def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """Views of every rollout; deterministic given a (CPU) ``generator``'s state."""
+
+
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """``U(0, 1)`` drawn on the CPU, so a seed gives the same views on any device."""
+    return torch.rand(shape, generator=generator)
+
+
+def token_logprobs(
+    model: DiffusionLM,
+    views: ViewBatch,
+    micro_batch_size: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-prob of each scored target, ``[N, W]`` (0 elsewhere); optionally entropies.
+
+    The distribution is the sampler's: the mask token is never a candidate, logits are divided
+    by ``temperature``, then truncated by ``top_k``/``top_p`` exactly as the sampler does
+    (:func:`unmask.sampling.remasking.sampling_logits`). The rollout does not record the
+    truncated support, so it is recomputed from the current logits: at the sampling
+    parameters it equals the sampler's log-prob; after updates a target that left the support
+    gets ``-inf`` (ratio 0, no gradient; the loss guards it). Gradients flow when enabled; run
+    under ``torch.no_grad()`` for old/reference log-probs.
+    """
+    if temperature <= 0:
+        raise ValueError("token log-probs need temperature > 0 (greedy decoding has none)")
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    device = model.device
+    logps, entropies = [], []
+    for start in range(0, len(views), micro_batch_size):
+        chunk = views.select(slice(start, start + micro_batch_size)).to(device)
+        view = chunk.forward_view(model)
+        logits = model(view.input_ids, view.position_ids, view.bias)
+        rows, cols = chunk.scored.nonzero(as_tuple=True)
+        scored = logits[rows, view.logit_index[rows, cols]].float()
+        scored = scored.index_fill(-1, torch.tensor([model.mask_token_id], device=device), -inf)
+        logp = sampling_logits(scored, temperature, top_k, top_p).log_softmax(dim=-1)
+        target = logp.gather(-1, chunk.targets[rows, cols][:, None])[:, 0]
+        empty = torch.zeros(chunk.scored.shape, device=device)
+        logps.append(empty.index_put((rows, cols), target))
+        if with_entropy:  # a metric: no graph
+            plogp = torch.special.xlogy(logp.detach().exp(), logp.detach().exp())
+            entropies.append(empty.index_put((rows, cols), -plogp.sum(dim=-1)))
+    logp_all = torch.cat(logps) if logps else torch.zeros(views.scored.shape, device=device)
+    if not with_entropy:
+        return logp_all
+    return logp_all, torch.cat(entropies) if entropies else torch.zeros_like(logp_all)

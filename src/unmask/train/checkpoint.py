@@ -1,0 +1,280 @@
+"""Atomic, resumable checkpoints in the Hugging Face layout (shared by the SFT and RL trainers).
+
+A checkpoint is ``RUN_DIR/checkpoints/step-00000100/``: the model folder that
+``save_pretrained`` writes (config, safetensors, tokenizer: loadable with
+``DiffusionLM.from_pretrained``), plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``
+(python, numpy, torch and named generators, one entry per rank), ``trainer_state.json`` (the
+step and the trainer's own state, e.g. the data position) and, written last,
+``checkpoint.json``: the manifest of every file with its size.
+
+Saving writes into a hidden temporary folder next to the final one, fsyncs every file and the
+folder, then renames it into place: a crash leaves the previous checkpoints untouched and at
+most a ``.tmp-*`` folder, which the next save removes. Loading checks the manifest first, so a
+partial or corrupted folder is refused with the folder and the missing or truncated file named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+MANIFEST = "checkpoint.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+SCHEDULER = "scheduler.pt"
+RNG_STATE = "rng_state.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing, partial or does not fit the model."""
+
+
+def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """This process's random states: python, numpy, torch (CPU and CUDA), named generators."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(
+    state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None
+) -> None:
+    """Inverse of :func:`capture_rng_state`; every named generator must be in the state."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, generator in (generators or {}).items():
+        if name not in state["generators"]:
+            raise CheckpointError(f"the checkpoint has no state for generator {name!r}")
+        generator.set_state(state["generators"][name])
+
+
+def checkpoint_dirs(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoint folders of a run, oldest first (temporary folders excluded)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    return sorted(found, key=lambda p: _step_of(p) or 0)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint folder of a run (not validated: :func:`load_checkpoint` does)."""
+    found = checkpoint_dirs(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+    rng_states: Sequence[Mapping[str, Any]] | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` ones.
+
+    ``model`` needs ``save_pretrained`` (a ``DiffusionLM`` or a transformers model; unwrap it
+    from DDP first). ``extra_state`` must be JSON-serialisable. ``rng_states`` holds one
+    :func:`capture_rng_state` per rank (default: this process only). Call it on one process.
+    """
+    extra = dict(extra_state or {})
+    if "step" in extra:
+        raise ValueError("extra_state must not have a 'step' key: the step is stored already")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+
+    _save_pretrained(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    if scheduler is not None:
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+    torch.save(list(rng_states or [capture_rng_state()]), tmp / RNG_STATE)
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    manifest = {"step": step, "files": files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _fsync_tree(tmp)
+    _replace_dir(tmp, final)
+    if keep_last is not None:
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    return final
+
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """``save_pretrained`` into ``path`` atomically (temporary sibling, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_pretrained(model, tmp)
+    _fsync_tree(tmp)
+    _replace_dir(tmp, path)
+    return path
+
+
+def validate_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The manifest of a complete checkpoint; :class:`CheckpointError` naming the folder and
+    the file otherwise."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete: {MANIFEST} is missing (an interrupted save?)"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err})") from err
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, "
+                f"the manifest says {size}"
+            )
+    return manifest
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and this rank's RNG states from ``path``.
+
+    Returns the trainer state: ``{"step": ..., **extra_state}``. The folder is validated first,
+    so nothing is changed when it is incomplete. ``rng_state.pt`` is unpickled: load only
+    checkpoints you wrote.
+    """
+    path = Path(path)
+    manifest = validate_checkpoint(path)
+    load_model_weights(model, path)
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
+    if scheduler is not None:
+        if SCHEDULER not in manifest["files"]:
+            raise CheckpointError(f"checkpoint {path} has no {SCHEDULER}")
+        scheduler.load_state_dict(torch.load(path / SCHEDULER, weights_only=True))
+    states = torch.load(path / RNG_STATE, weights_only=False)
+    if rank >= len(states):
+        raise CheckpointError(
+            f"checkpoint {path} holds random states for {len(states)} process(es), not rank {rank}"
+        )
+    restore_rng_state(states[rank], generators)
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Copy the safetensors weights of an HF model folder into ``model`` in place.
+
+    The folder's keys are those of the module whose ``save_pretrained`` wrote it: ``model``
+    itself or its ``.model`` (a ``DiffusionLM`` wraps a transformers model). Keys missing from
+    the file are accepted only for tied weights (e.g. ``lm_head`` tied to the embeddings).
+    """
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path} has no *.safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    inner = getattr(model, "model", None)
+    for target in (model, inner):
+        if not isinstance(target, nn.Module):
+            continue
+        own = target.state_dict()
+        if not set(state) <= set(own):
+            continue
+        loaded = {own[k].data_ptr() for k in state}
+        untied = [k for k in set(own) - set(state) if own[k].data_ptr() not in loaded]
+        if untied:
+            raise CheckpointError(f"{path} lacks weights for {sorted(untied)[:5]}")
+        target.load_state_dict(state, strict=False)
+        return
+    extra = sorted(set(state) - set(model.state_dict()))[:5]
+    raise CheckpointError(f"the weights in {path} do not fit the model (unexpected keys {extra})")
+
+
+def _save_pretrained(model: nn.Module, path: Path) -> None:
+    """``model.save_pretrained`` without transformers' per-save progress bar (it would break
+    the trainer's own bar every checkpoint)."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)  # type: ignore[operator]
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def _step_of(path: Path) -> int | None:
+    suffix = path.name.removeprefix(PREFIX)
+    return int(suffix) if path.name.startswith(PREFIX) and suffix.isdigit() else None
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` (moving an existing ``final`` aside first), then fsync the
+    parent so the rename itself is durable."""
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(sub)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

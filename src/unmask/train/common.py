@@ -1,0 +1,113 @@
+"""What the SFT and RL trainers share: accelerator, optimizer, data order, resume, evaluation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from unmask.train.checkpoint import latest_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+    """``mixed_precision: auto`` is bf16 on CUDA and fp32 on CPU (bf16 autocast does not pay
+    off for tiny models there)."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float]
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(betas[0], betas[1]),
+    )
+
+
+class BatchStream:
+    """Row indices in a fresh seeded permutation per epoch; its position is checkpointed."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError("the training data has no rows")
+        self.size, self.seed = size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            take = min(count - len(out), self.size - self.index)
+            out.extend(self._order[self.index : self.index + take])
+            self.index += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+
+def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint ``resume`` names (``latest`` or a folder), or None for a fresh run.
+
+    A fresh run into a folder that already holds checkpoints is refused: it would silently
+    mix two runs' metrics and checkpoints.
+    """
+    if resume is None:
+        existing = latest_checkpoint(output_dir)
+        if existing is not None:
+            raise ValueError(
+                f"{output_dir} already has checkpoints (latest: {existing}); resume with "
+                "resume=latest or choose another output_dir"
+            )
+        return None
+    path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
+    if path is None:
+        raise ValueError(f"resume=latest: no checkpoint in {output_dir / 'checkpoints'}")
+    return path
+
+
+def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The ``eval/...`` metrics of an evaluation summary."""
+    metrics = {
+        "eval/accuracy": summary["accuracy"],
+        "eval/nfe": summary["mean_nfe"],
+        "eval/reward": summary["reward"],
+    }
+    for key, value in summary.items():
+        if key.startswith("reward/") and key.endswith("/mean"):
+            metrics[f"eval/{key.split('/')[1]}"] = value
+    return metrics
+
+
+def build_task(name: str, options: dict[str, Any], tokenizer: Any) -> Any:
+    """The task named in a config; a chat template needs the model's tokenizer."""
+    from unmask.tasks.registry import get_task
+
+    options = dict(options)
+    if options.get("template") == "chat":
+        options.setdefault("tokenizer", tokenizer)
+    return get_task(name, **options)

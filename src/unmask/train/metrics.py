@@ -1,0 +1,97 @@
+"""Training metrics: always JSONL (``RUN_DIR/metrics.jsonl``), TensorBoard when asked and installed.
+
+One JSON object per logging step, ``{"step": ..., "loss": ..., ...}``, so a run can be plotted
+or compared with nothing but the standard library. On resume the lines written after the
+checkpoint's step are dropped, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+REPORTERS: tuple[str, ...] = ("tensorboard",)
+
+
+class MetricsWriter:
+    """Append metrics to ``run_dir/metrics.jsonl`` (and TensorBoard if in ``report_to``).
+
+    ``resume_step`` truncates the file to the lines with ``step <= resume_step``. A writer
+    with ``enabled=False`` (non-main ranks) writes nothing.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        report_to: Sequence[str] = (),
+        resume_step: int | None = None,
+        enabled: bool = True,
+    ) -> None:
+        unknown = sorted(set(report_to) - set(REPORTERS))
+        if unknown:
+            raise ValueError(f"report_to: unknown reporter(s) {unknown}; known: {REPORTERS}")
+        self.path = Path(run_dir) / METRICS_FILE
+        self.enabled = enabled
+        self._tensorboard: Any = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            self._truncate(resume_step)
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                logger.warning("report_to: tensorboard is not installed; logging to JSONL only")
+            else:
+                self._tensorboard = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+
+    def log(self, step: int, metrics: Mapping[str, float | int | None]) -> None:
+        """Write one line; non-finite numbers become ``null`` (JSON has no NaN)."""
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+    def _truncate(self, resume_step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+            if step <= resume_step:
+                kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, self.path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``run_dir/metrics.jsonl``."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _clean(value: float | int | None) -> float | int | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,534 @@
+"""``unmask rl``: one trainer loop for every RL objective.
+
+Each step, in one long-lived process per rank: take prompts -> ``num_generations`` rollouts
+each with the project's sampler (traces recorded, token ids kept) -> rewards -> group
+advantages -> ``num_iterations`` passes of the objective over the rollout batch, each an
+optimizer step over micro-batches of views with gradient accumulation -> metrics ->
+periodic held-out evaluation -> atomic checkpoints that resume exactly. The optimizer state
+lives across steps; no text is re-tokenised between sampling and the loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from unmask.config import to_dict
+from unmask.models.diffusion_lm import DiffusionLM
+from unmask.objectives import (
+    LOSS_TYPES,
+    Objective,
+    ViewBatch,
+    get_objective,
+    group_advantages,
+    normalizers,
+    policy_loss,
+    token_logprobs,
+)
+from unmask.objectives.advantages import SCALE_REWARDS
+from unmask.sampling.rollout import Rollout
+from unmask.sampling.sampler import Sampler, SamplerConfig
+from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
+from unmask.train.common import (
+    BatchStream,
+    build_optimizer,
+    build_task,
+    checkpoint_to_resume,
+    eval_metrics,
+    make_accelerator,
+)
+from unmask.train.metrics import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RLData:
+    """Prompts and rewards: a task from ``unmask.tasks`` and its options."""
+
+    task: str = "sudoku"
+    options: dict[str, Any] = field(default_factory=dict)
+    split: str = "train"
+
+
+@dataclass
+class RLEval:
+    """Held-out evaluation: at step 0, every ``every`` steps and at the end (0 = off)."""
+
+    every: int = 0
+    split: str = "test"
+    limit: int | None = 128
+    batch_size: int = 64
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class RLConfig:
+    """``unmask rl``: every field, with TRL's names where they mean the same.
+
+    A step samples ``num_prompts`` prompts per process, ``num_generations`` completions each.
+    ``loss_type`` and ``importance_sampling_level`` default (null) to the objective's own.
+    ``beta > 0`` loads a frozen reference model (the starting weights) for the k3 KL.
+    ``drop_zero_std_groups`` trains only on groups whose rewards differ.
+    """
+
+    model: str = "micro-block"
+    output_dir: str = "runs/rl"
+    resume: str | None = None
+    seed: int = 0
+    data: RLData = field(default_factory=RLData)
+    objective: str = "tracerl"
+    objective_options: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 100
+    num_prompts: int = 8
+    num_generations: int = 8
+    num_iterations: int = 1
+    micro_batch_size: int = 64
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str | None = None
+    importance_sampling_level: Literal["token", "sequence"] | None = None
+    scale_rewards: str = "group"
+    drop_zero_std_groups: bool = False
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=1.0))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    cpu: bool = False
+    save_every: int = 0
+    keep_last: int = 2
+    max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
+    log_every: int = 1
+    report_to: list[str] = field(default_factory=list)
+    progress: bool = True
+    eval: RLEval = field(default_factory=RLEval)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "num_prompts", "num_iterations", "micro_batch_size",
+                     "max_bad_steps"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2 (advantages are relative to the group), "
+                f"got {self.num_generations}"
+            )
+        if self.loss_type is not None and self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"loss_type must be one of {LOSS_TYPES} or null, got {self.loss_type!r}"
+            )
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(
+                f"scale_rewards must be one of {SCALE_REWARDS}, got {self.scale_rewards!r}"
+            )
+        if self.sampler.temperature <= 0:
+            raise ValueError(
+                "sampler.temperature must be > 0 for RL: greedy rollouts have no log-probs "
+                "and a group of identical completions has no advantage"
+            )
+        if self.beta < 0 or self.epsilon <= 0:
+            raise ValueError("beta must be >= 0 and epsilon > 0")
+
+
+class RLTrainer:
+    """``RLTrainer(config).train()`` returns the final model's folder.
+
+    ``model`` and ``task`` override ``config.model`` and ``config.data`` (for the Python API).
+    """
+
+    def __init__(self, config: RLConfig, model: DiffusionLM | None = None, task: Any = None):
+        self.config = cfg = config
+        self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
+        set_seed(cfg.seed)
+        if model is None:
+            model = DiffusionLM.from_pretrained(cfg.model, dtype="float32", device=acc.device)
+        if model.tokenizer is None:
+            raise ValueError("RL needs the model's tokenizer to decode completions for rewards")
+        self.core = model.to(acc.device)
+        self.tokenizer = model.tokenizer
+        self.task = (
+            task
+            if task is not None
+            else build_task(cfg.data.task, cfg.data.options, model.tokenizer)
+        )
+        self.prompts = self.task.dataset(cfg.data.split)
+        self.stream = BatchStream(len(self.prompts), cfg.seed)
+        options = dict(cfg.objective_options)
+        if "two_stream" in _option_names(cfg.objective):
+            # Block models score every block's step in one packed [clean | noisy] row.
+            options.setdefault("two_stream", model.layout == "block")
+        self.objective: Objective = get_objective(cfg.objective, **options)
+        self.loss_type = cfg.loss_type or self.objective.loss_type
+        self.level = cfg.importance_sampling_level or self.objective.importance_sampling_level
+        needs_logprobs = self.objective.old_logprobs == "sampler"
+        self.sampler = Sampler(replace(cfg.sampler, return_logprobs=needs_logprobs, seed=None))
+        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
+        self.reference = None
+        if cfg.beta > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+        self.model, self.optimizer = acc.prepare(self.core, optimizer)
+        # Forwards go through the prepared (DDP) module so gradients are all-reduced; the
+        # diffusion settings are read from the model itself.
+        self.policy = _Prepared(self.model, self.core)
+        self.output_dir = Path(cfg.output_dir)
+        self.steps_done = 0
+        self.bad_in_a_row = 0
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg, acc = self.config, self.accelerator
+        start = self._resume()
+        main = acc.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        writer = MetricsWriter(
+            self.output_dir, cfg.report_to, resume_step=start if cfg.resume else None, enabled=main
+        )
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=f"rl {cfg.objective}",
+                   disable=not (cfg.progress and main))  # fmt: skip
+        if cfg.eval.every and start == 0:
+            writer.log(0, self.evaluate())
+        for step in range(start + 1, cfg.max_steps + 1):
+            self.steps_done = step - 1
+            metrics = self.step()
+            if self.bad_in_a_row >= cfg.max_bad_steps:
+                writer.log(step, metrics)
+                writer.close()
+                raise RuntimeError(
+                    f"stopped at step {step}: {self.bad_in_a_row} updates in a row had a "
+                    f"non-finite loss or gradient and were skipped; the last good checkpoint "
+                    f"is in {self.output_dir / 'checkpoints'} (lower lr or check the rewards)"
+                )
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                writer.log(step, metrics)
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.3f}")
+            bar.update(1)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+                writer.log(step, self.evaluate())
+            if cfg.save_every and step % cfg.save_every == 0:
+                self.save(step)
+        bar.close()
+        final = self.output_dir / "final"
+        if main:
+            save_model(acc.unwrap_model(self.model), final)
+        acc.wait_for_everyone()
+        writer.close()
+        return final
+
+    def step(self) -> dict[str, float]:
+        """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""
+        cfg, acc = self.config, self.accelerator
+        began = time.perf_counter()
+        rows = self.stream.take(cfg.num_prompts * acc.num_processes)
+        mine = rows[acc.process_index :: acc.num_processes]
+        batch = self.prompts.select(mine)
+        prompts = [p for p in batch["prompt"] for _ in range(cfg.num_generations)]
+        columns = {
+            c: [v for v in batch[c] for _ in range(cfg.num_generations)]
+            for c in batch.column_names
+            if c != "prompt"
+        }
+        rollout = self._rollouts(prompts)
+        sampled = time.perf_counter()
+        completions = rollout.completion_texts(self.tokenizer)
+        scores = self.task.score(prompts, completions, columns)
+        totals = self.task.weighted_sum(scores)
+        # A sample any reward could not score (None, or the function raised) is left out.
+        scored = torch.tensor([all(v[i] is not None for v in scores.values()) for i in
+                               range(len(prompts))])  # fmt: skip
+        rewards = _fill_unscored(totals, scored, cfg.num_generations)
+        if not scored.all():
+            first = int((~scored).nonzero()[0])
+            logger.warning(
+                "step %d: %d completion(s) could not be scored and are left out of the loss "
+                "(first prompt: %r)",
+                self.steps_done + 1,
+                int((~scored).sum()),
+                prompts[first],
+            )
+        adv = group_advantages(
+            rewards, cfg.num_generations, cfg.scale_rewards, cfg.drop_zero_std_groups
+        )
+        kept = adv.kept & scored
+        metrics: dict[str, float] = dict(adv.metrics)
+        metrics.update(_reward_metrics(scores))
+        metrics["reward_unscored"] = float((~scored).sum())
+        metrics.update(_rollout_metrics(rollout))
+        metrics.update(self._optimize(rollout, adv.advantages, kept))
+        metrics.update(
+            lr=self.scheduler.get_last_lr()[0],
+            sample_s=sampled - began,
+            step_s=time.perf_counter() - began,
+            epoch=self.stream.epoch,
+        )
+        return metrics
+
+    def _rollouts(self, prompts: list[str]) -> Rollout:
+        self.core.eval()
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        with self.accelerator.autocast():
+            rollout = self.sampler.generate(self.core, prompts, seed=seed)
+        return rollout
+
+    def _optimize(
+        self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor
+    ) -> dict[str, float]:
+        """``num_iterations`` optimizer steps; old and reference log-probs are taken first."""
+        cfg, acc = self.config, self.accelerator
+        device = acc.device
+        rollout = rollout.to(device)
+        advantages, kept = advantages.to(device), kept.to(device)
+        divisors = normalizers(rollout, self.loss_type, kept)
+        lengths = rollout.completion_lengths
+        sample_kw = self._sampling_kwargs()
+        views = [
+            _trained(self.objective.views(rollout, self.generator), kept)
+            for _ in range(cfg.num_iterations)
+        ]
+        olds = [self._old_logprobs(v, rollout, sample_kw) for v in views]
+        refs = [self._reference_logprobs(v, sample_kw) for v in views]
+        self.core.train()
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for it, (view, old, ref) in enumerate(zip(views, olds, refs, strict=True)):
+            chunks = _micro_batches(view, cfg.micro_batch_size)
+            loss_sum = 0.0
+            for i, rows in enumerate(chunks):
+                chunk = view.select(rows).to(device)
+                last = i == len(chunks) - 1
+                sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+                with sync, acc.autocast():
+                    logp, entropy = token_logprobs(
+                        self.policy, chunk, len(chunk), with_entropy=True, **sample_kw
+                    )
+                    out = policy_loss(
+                        logp,
+                        logp.detach() if old is None else old[rows].to(device),
+                        advantages,
+                        chunk.scored,
+                        chunk.weights,
+                        chunk.rollout_index,
+                        divisors,
+                        None if ref is None else ref[rows].to(device),
+                        epsilon=cfg.epsilon,
+                        epsilon_high=cfg.epsilon_high,
+                        beta=cfg.beta,
+                        level=self.level,
+                        lengths=lengths,
+                        entropy=entropy,
+                    )
+                    acc.backward(out.loss)
+                loss_sum += float(out.loss.detach())
+                for key, value in out.metrics.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+            grad_norm = acc.clip_grad_norm_(
+                self.model.parameters(), cfg.max_grad_norm or float("inf")
+            )
+            finite = bool(torch.isfinite(torch.tensor([loss_sum, float(grad_norm)])).all())
+            if finite:
+                self.optimizer.step()
+                self.bad_in_a_row = 0
+            else:
+                self.bad_in_a_row += 1
+                totals["skipped_updates"] = totals.get("skipped_updates", 0.0) + 1
+                counts["skipped_updates"] = 1
+                logger.warning(
+                    "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+                    self.steps_done + 1, loss_sum, float(grad_norm),
+                )  # fmt: skip
+            self.optimizer.zero_grad(set_to_none=True)
+            if it == 0:
+                totals["loss"], counts["loss"] = loss_sum, 1
+                totals["grad_norm"], counts["grad_norm"] = float(grad_norm), 1
+        self.scheduler.step()
+        metrics = {key: totals[key] / counts[key] for key in totals}
+        metrics["clip_ratio"] = metrics.get("clip_ratio/region_mean", 0.0)
+        metrics["num_views"] = float(sum(len(v) for v in views))
+        return metrics
+
+    def _sampling_kwargs(self) -> dict[str, Any]:
+        if not self.objective.scores_sampling_distribution:
+            return {}
+        s = self.config.sampler
+        return {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p}
+
+    @torch.no_grad()
+    def _old_logprobs(
+        self, views: ViewBatch, rollout: Rollout, sample_kw: dict[str, Any]
+    ) -> torch.Tensor | None:
+        """Log-probs of the policy that sampled: stored by the sampler (AGRPO), recomputed
+        with the pre-update model, or None when the first pass is on-policy (``num_iterations``
+        1: the ratio is 1, so the current log-probs, detached, serve)."""
+        if self.objective.old_logprobs == "sampler":
+            assert rollout.logprobs is not None
+            return views.per_token(rollout.logprobs)
+        if self.config.num_iterations == 1:
+            return None
+        self.core.eval()
+        with self.accelerator.autocast():
+            return token_logprobs(self.core, views, self.config.micro_batch_size, **sample_kw)
+
+    @torch.no_grad()
+    def _reference_logprobs(
+        self, views: ViewBatch, sample_kw: dict[str, Any]
+    ) -> torch.Tensor | None:
+        if self.reference is None:
+            return None
+        with self.accelerator.autocast():
+            return token_logprobs(self.reference, views, self.config.micro_batch_size, **sample_kw)
+
+    # -- evaluation and checkpoints --------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Sample the held-out split and score it (main process; the others wait)."""
+        from unmask.eval.evaluate import evaluate
+
+        cfg, acc = self.config.eval, self.accelerator
+        metrics: dict[str, float] = {}
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            with acc.autocast():
+                summary = evaluate(model, self.task, cfg.sampler, split=cfg.split,
+                                   limit=cfg.limit, batch_size=cfg.batch_size,
+                                   seed=self.config.seed, progress=False)  # fmt: skip
+            metrics = eval_metrics(summary)
+        acc.wait_for_everyone()
+        return metrics
+
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step``: weights, optimizer, scheduler, RNG and data position."""
+        acc = self.accelerator
+        rng = [capture_rng_state({"trainer": self.generator})]
+        if acc.num_processes > 1:
+            rng = gather_object(rng)
+        path = self.output_dir / "checkpoints"
+        if acc.is_main_process:
+            path = save_checkpoint(
+                self.output_dir,
+                step,
+                acc.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                {"data": self.stream.state_dict()},
+                rng_states=rng,
+                keep_last=self.config.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def _resume(self) -> int:
+        path = checkpoint_to_resume(self.output_dir, self.config.resume)
+        if path is None:
+            return 0
+        state = load_checkpoint(
+            path,
+            self.core,
+            self.optimizer,
+            self.scheduler,
+            generators={"trainer": self.generator},
+            rank=self.accelerator.process_index,
+        )
+        self.stream.load_state_dict(state["data"])
+        logger.info("resumed from %s at step %d", path, state["step"])
+        return int(state["step"])
+
+
+def train_rl(config: RLConfig) -> Path:
+    """Run RL as configured; returns the folder of the final model (``OUTPUT_DIR/final``)."""
+    return RLTrainer(config).train()
+
+
+def _option_names(objective: str) -> set[str]:
+    from dataclasses import fields
+
+    from unmask.objectives import OBJECTIVES
+
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    return {f.name for f in fields(OBJECTIVES[objective])}  # type: ignore[arg-type]
+
+
+def _trained(views: ViewBatch, kept: torch.Tensor) -> ViewBatch:
+    """Only the views of rollouts that are trained on (dropped groups cost no forward)."""
+    rows = kept.to(views.rollout_index.device)[views.rollout_index]
+    return views if bool(rows.all()) else views.select(rows.nonzero()[:, 0])
+
+
+class _Prepared:
+    """The prepared (possibly DDP-wrapped) module to call, with the core model's attributes."""
+
+    def __init__(self, prepared: torch.nn.Module, core: DiffusionLM) -> None:
+        self._prepared, self._core = prepared, core
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        return self._prepared(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+
+def _micro_batches(views: ViewBatch, size: int) -> list[torch.Tensor]:
+    """Row indices of micro-batches of about ``size`` views, never splitting a rollout's views
+    (sequence-level ratios need them together)."""
+    order = torch.argsort(views.rollout_index, stable=True)
+    ids = views.rollout_index[order]
+    chunks: list[torch.Tensor] = []
+    begin = 0
+    while begin < len(order):
+        end = min(begin + size, len(order))
+        while end < len(order) and ids[end] == ids[end - 1]:
+            end += 1
+        chunks.append(order[begin:end])
+        begin = end
+    return chunks
+
+
+def _fill_unscored(
+    totals: list[float | None], scored: torch.Tensor, num_generations: int
+) -> torch.Tensor:
+    """Rewards ``[B]`` with each unscored one replaced by the mean of its group's scored ones,
+    so it gets no advantage and moves no other one's baseline."""
+    rewards = torch.tensor([0.0 if t is None else float(t) for t in totals])
+    rewards = torch.where(scored, rewards, torch.zeros(()))
+    groups, ok = rewards.view(-1, num_generations), scored.view(-1, num_generations)
+    means = (groups * ok).sum(1) / ok.sum(1).clamp(min=1)
+    return torch.where(ok, groups, means[:, None].expand_as(groups)).reshape(-1)
+
+
+def _reward_metrics(scores: dict[str, list[float | None]]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for name, values in scores.items():
+        present = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
+        if len(present):
+            metrics[f"reward/{name}/mean"] = float(present.mean())
+            metrics[f"reward/{name}/std"] = float(present.std()) if len(present) > 1 else 0.0
+    return metrics
+
+
+def _rollout_metrics(rollout: Rollout) -> dict[str, float]:
+    lengths = rollout.completion_lengths.float()
+    return {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "nfe": float(rollout.num_steps.float().mean()),
+        "tokens_per_step": float(rollout.tokens_per_step().mean()),
+    }

@@ -1,0 +1,465 @@
+"""``unmask sft``: masked-diffusion supervised fine-tuning, resumable, on ``accelerate``.
+
+The trainer feeds (prompt ids, completion ids + EOS) pairs to the losses of
+:mod:`unmask.objectives.sft_loss`: random masking for full-attention models, block SFT over
+``[clean | noisy]`` for block-causal ones. It runs as one process per device (``accelerate
+launch`` for DDP; a single CPU process here), with AdamW, linear warmup then cosine decay,
+gradient accumulation and clipping, and bf16 autocast on GPUs.
+
+Every ``save_every`` steps it writes an atomic checkpoint (:mod:`unmask.train.checkpoint`) with
+the optimizer, scheduler, random states and data position, so a resumed run continues exactly
+as an uninterrupted one would. Metrics go to ``OUTPUT_DIR/metrics.jsonl`` (and TensorBoard
+with ``report_to: [tensorboard]``); the final model is saved to ``OUTPUT_DIR/final``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
+
+from unmask.config import to_dict
+from unmask.models.diffusion_lm import DiffusionLM
+from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
+from unmask.objectives.views import collate
+from unmask.sampling.sampler import SamplerConfig, _pad_id
+from unmask.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_model,
+)
+from unmask.train.metrics import MetricsWriter
+
+logger = logging.getLogger(__name__)
+
+Pair = tuple[list[int], list[int]]
+
+
+@dataclass
+class SFTData:
+    """Training data: a task's ``prompt`` and ``target`` columns (see ``unmask.tasks``)."""
+
+    task: str = "sudoku"
+    options: dict[str, Any] = field(default_factory=dict)
+    split: str = "train"
+    max_length: int | None = None  # rows longer than this (prompt + target + EOS) are dropped
+
+
+@dataclass
+class SFTEval:
+    """Held-out evaluation with the sampler: at step 0, every ``every`` steps and at the end.
+
+    ``every: 0`` turns it off. Reported as ``eval/accuracy`` and ``eval/<reward>`` metrics.
+    """
+
+    every: int = 0
+    split: str = "test"
+    limit: int | None = 64
+    batch_size: int = 64
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass
+class SFTConfig:
+    """``unmask sft``: every field, with the CPU-friendly defaults of a tiny model.
+
+    ``batch_size`` is per process and per micro-batch: an optimizer step sees
+    ``batch_size * grad_accum * processes`` rows. ``objective: auto`` picks ``block`` for
+    block-causal models and ``random_mask`` for full attention. ``elbo_weight`` applies the
+    ELBO's 1/t weight; ``t_min``/``t_max`` bound the mask ratio. ``resume`` is ``latest`` or a
+    checkpoint folder. ``mixed_precision: auto`` is bf16 on CUDA and fp32 on CPU (where bf16
+    autocast is slower for tiny models).
+    """
+
+    model: str = "micro-block"
+    output_dir: str = "runs/sft"
+    resume: str | None = None
+    seed: int = 0
+    data: SFTData = field(default_factory=SFTData)
+    objective: Literal["auto", "random_mask", "block"] = "auto"
+    elbo_weight: bool = True
+    t_min: float = 1e-3
+    t_max: float = 1.0
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    cpu: bool = False
+    save_every: int = 0  # 0: no intermediate checkpoints
+    keep_last: int = 2
+    log_every: int = 10
+    report_to: list[str] = field(default_factory=list)
+    progress: bool = True
+    eval: SFTEval = field(default_factory=SFTEval)
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.t_min <= self.t_max <= 1.0:
+            raise ValueError(f"need 0 < t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
+        if len(self.adam_betas) != 2:
+            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
+        if self.eval.every < 0:
+            raise ValueError(f"eval.every must be >= 0, got {self.eval.every}")
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], targets: Sequence[str]
+) -> list[Pair]:
+    """(prompt ids, target ids + EOS) per row.
+
+    The prompt is encoded as the sampler encodes it (special tokens added); the target without
+    special tokens, then the EOS, which is trained so the model learns where to stop.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("SFT needs a tokenizer with an EOS token (it ends every target)")
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    target_ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
+    return [(list(p), [*t, eos]) for p, t in zip(prompt_ids, target_ids, strict=True)]
+
+
+class BatchStream:
+    """Shuffled epochs over ``size`` rows; ``(epoch, index)`` is the whole resumable state.
+
+    Epoch e's order is a permutation seeded by ``(seed, e)``, so it is rebuilt, not stored.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError("the training data is empty")
+        self.size, self.seed = size, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._permutation()
+
+    def take(self, count: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < count:
+            if self.index == self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._permutation()
+            n = min(count - len(out), self.size - self.index)
+            out.extend(self._order[self.index : self.index + n])
+            self.index += n
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"size": self.size, "seed": self.seed, "epoch": self.epoch, "index": self.index}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if (state["size"], state["seed"]) != (self.size, self.seed):
+            raise ValueError(
+                f"the checkpoint was trained on {state['size']} rows with seed {state['seed']}; "
+                f"this run has {self.size} rows and seed {self.seed}: the data changed"
+            )
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
+
+
+class SFTTrainer:
+    """Masked-diffusion SFT. ``SFTTrainer(config).train()`` returns the final model's folder.
+
+    ``model`` and ``pairs`` (prompt ids, completion ids ending in EOS) override
+    ``config.model`` and ``config.data``; ``task`` is needed for evaluation (built from
+    ``config.data`` when not given).
+    """
+
+    def __init__(
+        self,
+        config: SFTConfig,
+        model: DiffusionLM | None = None,
+        pairs: Sequence[Pair] | None = None,
+        task: Any = None,
+    ) -> None:
+        self.config = cfg = config
+        precision = cfg.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+        self.accelerator = acc = Accelerator(cpu=cfg.cpu, mixed_precision=precision)
+        set_seed(cfg.seed)
+        if model is None:
+            model = DiffusionLM.from_pretrained(cfg.model, dtype="float32", device=acc.device)
+        self.core = model.to(acc.device).train()
+        self.objective = resolve_objective(cfg.objective, model.layout)
+        if task is None and (pairs is None or cfg.eval.every):
+            task = _build_task(cfg.data, model.tokenizer)
+        self.task = task
+        if pairs is None:
+            if model.tokenizer is None:
+                raise ValueError(f"model {cfg.model!r} has no tokenizer to encode the task with")
+            rows = task.dataset(cfg.data.split)
+            pairs = encode_pairs(model.tokenizer, rows["prompt"], rows["target"])
+        self.pairs = _filter_length(list(pairs), cfg.data.max_length)
+        self.stream = BatchStream(len(self.pairs), cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + acc.process_index)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        rest = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": rest, "weight_decay": 0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.adam_betas[0], cfg.adam_betas[1]),
+        )
+        # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
+        # step it once per process).
+        self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+        self.model, self.optimizer = acc.prepare(self.core, optimizer)
+        self.output_dir = Path(cfg.output_dir)
+        self._last_lr = cfg.lr
+
+    # -- the loop --------------------------------------------------------------------------
+    def train(self) -> Path:
+        cfg, acc = self.config, self.accelerator
+        start = self._resume()
+        main = acc.is_main_process
+        if main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        writer = MetricsWriter(
+            self.output_dir, cfg.report_to, resume_step=start if cfg.resume else None, enabled=main
+        )
+        bar = tqdm(
+            total=cfg.max_steps, initial=start, desc="sft", disable=not (cfg.progress and main)
+        )
+        if cfg.eval.every and start == 0:
+            writer.log(0, self.evaluate())
+        window = _Window()
+        began = time.perf_counter()
+        for step in range(start + 1, cfg.max_steps + 1):
+            window.add(self._step())
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                metrics = window.flush()
+                metrics.update(
+                    lr=self._last_lr,
+                    epoch=self.stream.epoch,
+                    elapsed_s=time.perf_counter() - began,
+                )
+                writer.log(step, metrics)
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                )
+            bar.update(1)
+            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+                writer.log(step, self.evaluate())
+            if cfg.save_every and step % cfg.save_every == 0:
+                self.save(step)
+        bar.close()
+        final = self.output_dir / "final"
+        if main:
+            save_model(acc.unwrap_model(self.model), final)
+        acc.wait_for_everyone()
+        writer.close()
+        return final
+
+    def _step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns global sums."""
+        cfg, acc = self.config, self.accelerator
+        began = time.perf_counter()
+        per_rank = cfg.batch_size * cfg.grad_accum
+        rows = self.stream.take(per_rank * acc.num_processes)
+        mine = rows[acc.process_index :: acc.num_processes]
+        batches = [
+            collate(
+                [self.pairs[i] for i in mine[j : j + cfg.batch_size]],
+                _pad_id(self.core),
+                self.core.block_size,
+                self.core.settings.block_align,
+                whole_blocks=self.objective == "block",
+            ).to(acc.device)
+            for j in range(0, per_rank, cfg.batch_size)
+        ]
+        noises = [
+            sample_noise(b, self.objective, cfg.t_min, cfg.t_max, self.generator) for b in batches
+        ]
+        local_tokens = sum(b.num_completion_tokens for b in batches)
+        total = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), "sum")
+        # DDP averages gradients over processes: scale so the step's loss is per token of the
+        # global batch.
+        normalizer = max(float(total), 1.0) / acc.num_processes
+        loss = nll = masked = 0.0
+        for i, (batch, noise) in enumerate(zip(batches, noises, strict=True)):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                out = sft_loss(
+                    self.model,
+                    self.core.settings,
+                    batch,
+                    noise,
+                    self.objective,
+                    cfg.elbo_weight,
+                    normalizer,
+                )
+                acc.backward(out.loss)
+            loss += float(out.loss.detach())
+            nll += out.nll_sum
+            masked += out.masked_tokens
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+        self._last_lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seq_tokens = sum(int(b.real.sum()) for b in batches)
+        sums = torch.tensor([loss, nll, masked, seq_tokens, local_tokens], device=acc.device)
+        loss, nll, masked, seq_tokens, comp_tokens = acc.reduce(sums, "sum").tolist()
+        return {
+            "loss": loss / acc.num_processes,
+            "nll": nll,
+            "masked": masked,
+            "tokens": seq_tokens,
+            "completion_tokens": comp_tokens,
+            "grad_norm": float(grad_norm),
+            "seconds": time.perf_counter() - began,
+        }
+
+    # -- evaluation and checkpoints --------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Sample the held-out split and score it (main process; the others wait)."""
+        from unmask.eval.evaluate import evaluate
+
+        cfg, acc = self.config.eval, self.accelerator
+        metrics: dict[str, float] = {}
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            with acc.autocast():
+                summary = evaluate(
+                    model,
+                    self.task,
+                    cfg.sampler,
+                    split=cfg.split,
+                    limit=cfg.limit,
+                    batch_size=cfg.batch_size,
+                    seed=self.config.seed,
+                    progress=False,
+                )
+            model.train()
+            metrics = {"eval/accuracy": summary["accuracy"], "eval/nfe": summary["mean_nfe"]}
+            for key, value in summary.items():
+                if key.startswith("reward/") and key.endswith("/mean"):
+                    metrics[f"eval/{key.split('/')[1]}"] = value
+        acc.wait_for_everyone()
+        return metrics
+
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step`` (all processes call this; the main one writes)."""
+        acc = self.accelerator
+        rng = [capture_rng_state({"noise": self.generator})]
+        if acc.num_processes > 1:
+            rng = gather_object(rng)
+        path = self.output_dir / "checkpoints"
+        if acc.is_main_process:
+            path = save_checkpoint(
+                self.output_dir,
+                step,
+                acc.unwrap_model(self.model),
+                self.optimizer,
+                self.scheduler,
+                {"data": self.stream.state_dict()},
+                rng_states=rng,
+                keep_last=self.config.keep_last,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def _resume(self) -> int:
+        """Load the checkpoint named by ``config.resume``; the step to continue after."""
+        resume = self.config.resume
+        if resume is None:
+            existing = latest_checkpoint(self.output_dir)
+            if existing is not None:
+                raise ValueError(
+                    f"{self.output_dir} already has checkpoints (latest: {existing}); resume "
+                    "with --resume (resume=latest) or choose another output_dir"
+                )
+            return 0
+        path = latest_checkpoint(self.output_dir) if resume == "latest" else Path(resume)
+        if path is None:
+            raise ValueError(f"resume=latest: no checkpoint in {self.output_dir / 'checkpoints'}")
+        state = load_checkpoint(
+            path,
+            self.core,
+            self.optimizer,
+            self.scheduler,
+            generators={"noise": self.generator},
+            rank=self.accelerator.process_index,
+        )
+        self.stream.load_state_dict(state["data"])
+        logger.info("resumed from %s at step %d", path, state["step"])
+        return int(state["step"])
+
+
+def train_sft(config: SFTConfig) -> Path:
+    """Run SFT as configured; returns the folder of the final model (``OUTPUT_DIR/final``)."""
+    return SFTTrainer(config).train()
+
+
+class _Window:
+    """Sums of step statistics between two logging steps."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.steps.append(stats)
+
+    def flush(self) -> dict[str, float]:
+        total = {k: sum(s[k] for s in self.steps) for k in self.steps[0]}
+        n = len(self.steps)
+        self.steps = []
+        return {
+            "loss": total["loss"] / n,
+            "nll": total["nll"] / max(total["masked"], 1.0),
+            "mask_ratio": total["masked"] / max(total["completion_tokens"], 1.0),
+            "grad_norm": total["grad_norm"] / n,
+            "tokens_per_s": total["tokens"] / max(total["seconds"], 1e-9),
+            "step_s": total["seconds"] / n,
+        }
+
+
+def _build_task(data: SFTData, tokenizer: PreTrainedTokenizerBase | None) -> Any:
+    from unmask.tasks.registry import get_task
+
+    options = dict(data.options)
+    if options.get("template") == "chat":
+        options.setdefault("tokenizer", tokenizer)
+    return get_task(data.task, **options)
+
+
+def _filter_length(pairs: list[Pair], max_length: int | None) -> list[Pair]:
+    if max_length is None:
+        return pairs
+    kept = [(p, c) for p, c in pairs if len(p) + len(c) <= max_length]
+    if len(kept) < len(pairs):
+        logger.warning(
+            "dropped %d of %d rows longer than %d", len(pairs) - len(kept), len(pairs), max_length
+        )
+    if not kept:
+        raise ValueError(f"data.max_length={max_length} drops every row")
+    return kept

@@ -1,0 +1,118 @@
+"""The SFT trainer: resume continues exactly, bad checkpoints are refused, the CLI runs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from unmask.cli import main
+from unmask.models import DiffusionLM
+from unmask.train.checkpoint import CheckpointError, checkpoint_dirs
+from unmask.train.metrics import read_metrics
+from unmask.train.sft import SFTConfig, SFTTrainer, encode_pairs
+
+
+def _pairs():
+    from unmask.models import build_char_tokenizer
+
+    rng = random.Random(0)
+    prompts = [
+        "".join(rng.choice("0123456789") for _ in range(rng.randint(3, 9))) for _ in range(40)
+    ]
+    targets = [p[::-1][: rng.randint(1, 7)] for p in prompts]
+    return encode_pairs(build_char_tokenizer(), prompts, targets)
+
+
+def _config(tmp_path, name, model, **kw):
+    base = {
+        "model": model,
+        "output_dir": str(tmp_path / name),
+        "max_steps": 6,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "save_every": 3,
+        "log_every": 1,
+        "cpu": True,
+        "progress": False,
+    }
+    return SFTConfig(**{**base, **kw})
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_until_checkpoint(config, pairs, stop_at):
+    trainer = SFTTrainer(config, pairs=pairs)
+    save = trainer.save
+
+    def save_then_stop(step):
+        path = save(step)
+        if step == stop_at:
+            raise _Stop
+        return path
+
+    trainer.save = save_then_stop
+    with pytest.raises(_Stop):
+        trainer.train()
+
+
+@pytest.mark.parametrize("model", ["nano-block", "nano-full"])
+def test_resume_continues_exactly(tmp_path, model):
+    pairs = _pairs()
+    straight = SFTTrainer(_config(tmp_path, "straight", model), pairs=pairs).train()
+    _train_until_checkpoint(_config(tmp_path, "resumed", model), pairs, stop_at=3)
+    resumed = SFTTrainer(_config(tmp_path, "resumed", model, resume="latest"), pairs=pairs).train()
+    a, b = DiffusionLM.from_pretrained(straight), DiffusionLM.from_pretrained(resumed)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name
+    # the metrics read as one run: the resumed run's lines replace nothing and repeat nothing
+    la, lb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in lb] == list(range(1, 7))
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+
+
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_kept(tmp_path):
+    pairs = _pairs()
+    SFTTrainer(_config(tmp_path, "run", "nano-block"), pairs=pairs).train()
+    first, last = checkpoint_dirs(tmp_path / "run")
+    (last / "model.safetensors").unlink()
+    config = _config(tmp_path, "run", "nano-block", resume="latest", max_steps=9)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is missing") as err:
+        SFTTrainer(config, pairs=pairs).train()
+    assert str(last) in str(err.value)
+    assert first.is_dir() and (first / "model.safetensors").is_file()
+    # the previous checkpoint still resumes
+    config = _config(tmp_path, "run", "nano-block", resume=str(first), max_steps=4, save_every=0)
+    assert SFTTrainer(config, pairs=pairs).train().is_dir()
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    pairs = _pairs()
+    SFTTrainer(_config(tmp_path, "run", "nano-block", max_steps=3), pairs=pairs).train()
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        SFTTrainer(_config(tmp_path, "run", "nano-block", max_steps=3), pairs=pairs).train()
+
+
+def test_cli_runs_a_task_and_reports_errors(tmp_path, capsys):
+    config = tmp_path / "sft.yaml"
+    config.write_text(
+        "model: nano-block\n"
+        f"output_dir: {tmp_path / 'cli'}\n"
+        "data: {task: sudoku, options: {blanks: 4, num_train: 32}}\n"
+        "max_steps: 2\nbatch_size: 4\ncpu: true\nprogress: false\n"
+        "eval: {every: 2, limit: 4, batch_size: 4, sampler: {gen_length: 20}}\n"
+    )
+    assert main(["sft", str(config), "lr=0.001"]) == 0
+    assert "final model:" in capsys.readouterr().out
+    records = read_metrics(tmp_path / "cli")
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[1])
+    assert "eval/accuracy" in records[0] and "eval/sudoku_cells" in records[-1]
+    assert main(["sft", str(config), "--resume", "max_steps=3"]) == 2  # no checkpoint there
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["sft", str(config), "objective=random_mask"]) == 2
+    assert "does not fit a 'block' model" in capsys.readouterr().err
