@@ -152,3 +152,28 @@ def test_bad_config_is_a_clear_error(tmp_path):
         _config(tmp_path, sampler=SamplerConfig(temperature=0.0))
     with pytest.raises(ValueError, match="unknown objective"):
         RLTrainer(_config(tmp_path, objective="ppo"), task=_task())
+
+
+def test_rl_cli_runs_a_recipe_and_resumes(tmp_path, capsys):
+    from unmask.cli import main
+
+    args = [
+        "rl",
+        "configs/rl_agrpo_sudoku_tiny.yaml",
+        "model=nano-block",
+        f"output_dir={tmp_path / 'cli'}",
+        "max_steps=2",
+        "save_every=1",
+        "num_prompts=2",
+        "num_generations=2",
+        "sampler.gen_length=8",
+        "eval.every=0",
+        "progress=false",
+    ]
+    assert main(args) == 0
+    assert "final model" in capsys.readouterr().out
+    assert main(args) == 2  # the folder has checkpoints: refused without --resume
+    assert "resume" in capsys.readouterr().err
+    assert main([*args, "max_steps=3", "--resume"]) == 0
+    assert main(["rl", "configs/rl_agrpo_sudoku_tiny.yaml", "lr=fast"]) == 2
+    assert "lr must be a number" in capsys.readouterr().err

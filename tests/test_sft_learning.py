@@ -30,7 +30,7 @@ def test_sft_learns_sudoku(tmp_path):
         output_dir=str(tmp_path / "sft"),
         data=SFTData(task="sudoku", options={"blanks": 6, "num_train": 2000}),
         max_steps=250,
-        batch_size=32,
+        batch_size=64,
         lr=3e-3,
         warmup_steps=20,
         log_every=25,
@@ -42,4 +42,5 @@ def test_sft_learns_sudoku(tmp_path):
     after = _cell_accuracy(trainer.core, held_out)
     losses = [r["loss"] for r in read_metrics(tmp_path / "sft")]
     assert losses[-1] < 0.5 * losses[0], losses
-    assert after > before + 0.3, (before, after)
+    # untrained: 0 (it writes no digits); random digits would score 0.25
+    assert after > max(before, 0.25) + 0.05, (before, after)

@@ -78,9 +78,8 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sft(args: argparse.Namespace) -> int:
-    from unmask.train.sft import SFTConfig, train_sft
-
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    """Dotted overrides plus what ``--model`` and ``--resume`` say."""
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model={json.dumps(args.model)}")
@@ -89,7 +88,21 @@ def _sft(args: argparse.Namespace) -> int:
         args.resume = "latest"
     if args.resume:
         overrides.append(f"resume={json.dumps(args.resume)}")
-    final = train_sft(load_config(SFTConfig, args.config, overrides))
+    return overrides
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from unmask.train.sft import SFTConfig, train_sft
+
+    final = train_sft(load_config(SFTConfig, args.config, _train_overrides(args)))
+    print(f"final model: {final}")
+    return 0
+
+
+def _rl(args: argparse.Namespace) -> int:
+    from unmask.train.rl import RLConfig, train_rl
+
+    final = train_rl(load_config(RLConfig, args.config, _train_overrides(args)))
     print(f"final model: {final}")
     return 0
 
@@ -124,17 +137,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limit=64")
     ev.add_argument("--model", help="preset name, local folder or hub name")
     ev.set_defaults(run=_eval)
-    sft = commands.add_parser("sft", help="masked-diffusion supervised fine-tuning")
-    sft.add_argument("config", nargs="?", help="YAML config (see configs/sft_sudoku_tiny.yaml)")
-    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=200")
-    sft.add_argument("--model", help="preset name, local folder or hub name to start from")
-    sft.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        help="continue from the latest checkpoint in output_dir, or from the folder given",
-    )
-    sft.set_defaults(run=_sft)
+    trainers = (
+        ("sft", "masked-diffusion supervised fine-tuning", "configs/sft_sudoku_tiny.yaml", _sft),
+        ("rl", "RL post-training (tracerl, agrpo, diffu_grpo, coupled, random_mask, elbo)",
+         "configs/rl_tracerl_sudoku_tiny.yaml", _rl),
+    )  # fmt: skip
+    for name, help_text, example, run in trainers:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("config", nargs="?", help=f"YAML config (see {example})")
+        sub.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_steps=200")
+        sub.add_argument("--model", help="preset name, local folder or hub name to start from")
+        sub.add_argument(
+            "--resume",
+            nargs="?",
+            const="latest",
+            help="continue from the latest checkpoint in output_dir, or from the folder given",
+        )
+        sub.set_defaults(run=run)
     return parser
 
 

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
@@ -35,12 +33,14 @@ from unmask.models.diffusion_lm import DiffusionLM
 from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
 from unmask.objectives.views import collate
 from unmask.sampling.sampler import SamplerConfig, _pad_id
-from unmask.train.checkpoint import (
-    capture_rng_state,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    save_model,
+from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
+from unmask.train.common import (
+    BatchStream,
+    build_optimizer,
+    build_task,
+    checkpoint_to_resume,
+    eval_metrics,
+    make_accelerator,
 )
 from unmask.train.metrics import MetricsWriter
 
@@ -142,46 +142,6 @@ def encode_pairs(
     return [(list(p), [*t, eos]) for p, t in zip(prompt_ids, target_ids, strict=True)]
 
 
-class BatchStream:
-    """Shuffled epochs over ``size`` rows; ``(epoch, index)`` is the whole resumable state.
-
-    Epoch e's order is a permutation seeded by ``(seed, e)``, so it is rebuilt, not stored.
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        if size < 1:
-            raise ValueError("the training data is empty")
-        self.size, self.seed = size, seed
-        self.epoch, self.index = 0, 0
-        self._order = self._permutation()
-
-    def take(self, count: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < count:
-            if self.index == self.size:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._order = self._permutation()
-            n = min(count - len(out), self.size - self.index)
-            out.extend(self._order[self.index : self.index + n])
-            self.index += n
-        return out
-
-    def state_dict(self) -> dict[str, int]:
-        return {"size": self.size, "seed": self.seed, "epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if (state["size"], state["seed"]) != (self.size, self.seed):
-            raise ValueError(
-                f"the checkpoint was trained on {state['size']} rows with seed {state['seed']}; "
-                f"this run has {self.size} rows and seed {self.seed}: the data changed"
-            )
-        self.epoch, self.index = state["epoch"], state["index"]
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.size).tolist()
-
-
 class SFTTrainer:
     """Masked-diffusion SFT. ``SFTTrainer(config).train()`` returns the final model's folder.
 
@@ -198,17 +158,14 @@ class SFTTrainer:
         task: Any = None,
     ) -> None:
         self.config = cfg = config
-        precision = cfg.mixed_precision
-        if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
-        self.accelerator = acc = Accelerator(cpu=cfg.cpu, mixed_precision=precision)
+        self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
         set_seed(cfg.seed)
         if model is None:
             model = DiffusionLM.from_pretrained(cfg.model, dtype="float32", device=acc.device)
         self.core = model.to(acc.device).train()
         self.objective = resolve_objective(cfg.objective, model.layout)
         if task is None and (pairs is None or cfg.eval.every):
-            task = _build_task(cfg.data, model.tokenizer)
+            task = build_task(cfg.data.task, cfg.data.options, model.tokenizer)
         self.task = task
         if pairs is None:
             if model.tokenizer is None:
@@ -218,16 +175,7 @@ class SFTTrainer:
         self.pairs = _filter_length(list(pairs), cfg.data.max_length)
         self.stream = BatchStream(len(self.pairs), cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed + acc.process_index)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        rest = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.weight_decay},
-                {"params": rest, "weight_decay": 0},
-            ],
-            lr=cfg.lr,
-            betas=(cfg.adam_betas[0], cfg.adam_betas[1]),
-        )
+        optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
         # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
         # step it once per process).
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -360,10 +308,7 @@ class SFTTrainer:
                     progress=False,
                 )
             model.train()
-            metrics = {"eval/accuracy": summary["accuracy"], "eval/nfe": summary["mean_nfe"]}
-            for key, value in summary.items():
-                if key.startswith("reward/") and key.endswith("/mean"):
-                    metrics[f"eval/{key.split('/')[1]}"] = value
+            metrics = eval_metrics(summary)
         acc.wait_for_everyone()
         return metrics
 
@@ -381,7 +326,7 @@ class SFTTrainer:
                 acc.unwrap_model(self.model),
                 self.optimizer,
                 self.scheduler,
-                {"data": self.stream.state_dict()},
+                {"data": self.stream.state_dict(), "num_rows": len(self.pairs)},
                 rng_states=rng,
                 keep_last=self.config.keep_last,
             )
@@ -390,18 +335,9 @@ class SFTTrainer:
 
     def _resume(self) -> int:
         """Load the checkpoint named by ``config.resume``; the step to continue after."""
-        resume = self.config.resume
-        if resume is None:
-            existing = latest_checkpoint(self.output_dir)
-            if existing is not None:
-                raise ValueError(
-                    f"{self.output_dir} already has checkpoints (latest: {existing}); resume "
-                    "with --resume (resume=latest) or choose another output_dir"
-                )
-            return 0
-        path = latest_checkpoint(self.output_dir) if resume == "latest" else Path(resume)
+        path = checkpoint_to_resume(self.output_dir, self.config.resume)
         if path is None:
-            raise ValueError(f"resume=latest: no checkpoint in {self.output_dir / 'checkpoints'}")
+            return 0
         state = load_checkpoint(
             path,
             self.core,
@@ -410,6 +346,11 @@ class SFTTrainer:
             generators={"noise": self.generator},
             rank=self.accelerator.process_index,
         )
+        if state["num_rows"] != len(self.pairs):
+            raise ValueError(
+                f"{path} was trained on {state['num_rows']} rows, this run has "
+                f"{len(self.pairs)}: resume with the same data"
+            )
         self.stream.load_state_dict(state["data"])
         logger.info("resumed from %s at step %d", path, state["step"])
         return int(state["step"])
@@ -441,15 +382,6 @@ class _Window:
             "tokens_per_s": total["tokens"] / max(total["seconds"], 1e-9),
             "step_s": total["seconds"] / n,
         }
-
-
-def _build_task(data: SFTData, tokenizer: PreTrainedTokenizerBase | None) -> Any:
-    from unmask.tasks.registry import get_task
-
-    options = dict(data.options)
-    if options.get("template") == "chat":
-        options.setdefault("tokenizer", tokenizer)
-    return get_task(data.task, **options)
 
 
 def _filter_length(pairs: list[Pair], max_length: int | None) -> list[Pair]:
