@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
+
+from _runner import run_settings
 
 SETTINGS = {
     "block/none": ("block", {"cache": "none"}),
@@ -98,13 +99,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(run_one(args)))
         return
-    results = {}
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--only")]
-    for name in args.only:
-        cmd = [sys.executable, __file__, *passthrough, "--one", name]
-        line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(line.strip().splitlines()[-1])
-        print(json.dumps(results[name]), flush=True)
+    results = run_settings(__file__, sys.argv[1:], args.only)
     for fast, slow in RATIOS:
         if fast in results and slow in results:
             ratio = results[fast]["tokens_per_s"] / results[slow]["tokens_per_s"]
