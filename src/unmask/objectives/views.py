@@ -140,6 +140,7 @@ def random_mask(
 
 
 def noised_ids(batch: SequenceBatch, mask: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """The clean ids with the ``mask`` positions replaced by the mask token."""
     return batch.ids.masked_fill(mask, mask_token_id)
 
 
