@@ -86,9 +86,25 @@ class MetricsWriter:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of ``run_dir/metrics.jsonl``."""
+    """All records of ``run_dir/metrics.jsonl``.
+
+    A last line cut short (a run killed mid-write) is skipped; a bad line elsewhere is an
+    error naming the file and line.
+    """
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number == len(lines):
+                logger.warning("%s: skipping the last line, cut short: %r", path, line[:80])
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+    return records
 
 
 def _clean(value: float | int | None) -> float | int | None:
