@@ -152,5 +152,5 @@ def test_metrics_jsonl_and_resume_truncation(tmp_path, caplog):
         (3, 0.5),
     ]
     with pytest.raises(ValueError, match="unknown reporter"):
-        MetricsWriter(tmp_path, report_to=["wandb"])
+        MetricsWriter(tmp_path, report_to=["mlflow"])
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
