@@ -15,3 +15,11 @@ if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "error: CUDA wheels (nvidia-*) were installed; check dependency ranges" >&2
   exit 1
 fi
+# The trace viewer's browser test drives Debian's chromium with chromium-driver. Installed
+# once, when apt-get is here and we are root; never fatal: without them that test is skipped.
+if ! command -v chromedriver >/dev/null && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ] && [ -z "${UNMASK_NO_BROWSER:-}" ]; then
+  { timeout 600 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 600 \
+      apt-get install -y -qq --no-install-recommends chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "note: chromium/chromium-driver not installed; the browser test will be skipped" >&2
+fi
