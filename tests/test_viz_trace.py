@@ -36,6 +36,9 @@ def test_replayed_confidence_is_the_samplers_probability(block_model, cache):
     scored = rollout.completion_mask
     torch.testing.assert_close(conf[scored], rollout.logprobs.exp()[scored], atol=1e-5, rtol=1e-4)
     assert conf[~scored].isnan().all()
+    some = replay_confidences(block_model, rollout, rows=[3, 1])  # only the rows shown
+    torch.testing.assert_close(some[[1, 3]], conf[[1, 3]])
+    assert some[[0, 2]].isnan().all()
 
 
 def test_greedy_rollouts_get_confidence_only_by_replay(full_model):
@@ -54,7 +57,7 @@ def test_greedy_rollouts_get_confidence_only_by_replay(full_model):
 def test_page_data_follows_the_rollout(sampled, block_model):
     tok = block_model.tokenizer
     parts = {"correct": [1.0, 0.0, None, 0.5], "format": [0.1, 0.2, 0.3, float("nan")]}
-    data = trace_data(sampled, tok, parts, rows=[1, 3], labels=["a", "b"])
+    data = trace_data(sampled, tok, reward_parts=parts, rows=[1, 3], labels=["a", "b"])
     assert data["confidence_note"] == LOGPROB_NOTE
     assert data["block_length"] == block_model.block_size
     assert [r["label"] for r in data["rows"]] == ["a", "b"]
@@ -77,8 +80,10 @@ def test_bad_arguments_name_the_field(sampled, block_model):
     tok = block_model.tokenizer
     with pytest.raises(ValueError, match="rows"):
         trace_data(sampled, tok, rows=[4])
-    with pytest.raises(ValueError, match=r"rewards\['reward'\]"):
+    with pytest.raises(ValueError, match="rewards: 1 values for 4"):
         trace_data(sampled, tok, rewards=[1.0])
+    with pytest.raises(ValueError, match=r"reward_parts\['ok'\]"):
+        trace_data(sampled, tok, reward_parts={"ok": [1.0] * 3})
     with pytest.raises(ValueError, match="confidences"):
         trace_data(sampled, tok, confidences=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="labels"):

@@ -78,6 +78,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from unmask.viz.trace import TraceConfig, run_trace
+
+    overrides = list(args.overrides)
+    for key, value in (("model", args.model), ("output", args.output)):
+        if value:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.prompt:
+        overrides.append(f"prompts={json.dumps(args.prompt)}")
+    path = run_trace(load_config(TraceConfig, args.config, overrides))
+    print(f"trace page: {path}")
+    return 0
+
+
 def _train_overrides(args: argparse.Namespace) -> list[str]:
     """Dotted overrides plus what ``--model`` and ``--resume`` say."""
     overrides = list(args.overrides)
@@ -137,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limit=64")
     ev.add_argument("--model", help="preset name, local folder or hub name")
     ev.set_defaults(run=_eval)
+    tr = commands.add_parser("trace", help="write an HTML page replaying rollouts step by step")
+    tr.add_argument("config", nargs="?", help="YAML config (see configs/trace_sudoku_tiny.yaml)")
+    tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. task=sudoku index=3")
+    tr.add_argument("--model", help="preset name, local folder or hub name")
+    tr.add_argument("--prompt", action="append", help="a prompt; repeat for several")
+    tr.add_argument("--output", help="where to write the page (default trace.html)")
+    tr.set_defaults(run=_trace)
     trainers = (
         ("sft", "masked-diffusion supervised fine-tuning", "configs/sft_sudoku_tiny.yaml", _sft),
         ("rl", "RL post-training (tracerl, agrpo, diffu_grpo, coupled, random_mask, elbo)",

@@ -34,6 +34,7 @@ class EvalConfig:
     num_generations: int = 1  # samples per prompt; pass@k for k = num_generations
     batch_size: int = 32
     output_dir: str | None = None
+    report: bool = False  # also write trace.html and summary.png into output_dir (docs/viz.md)
     dtype: str = "auto"
     device: str = "auto"
     seed: int = 0
@@ -46,6 +47,8 @@ class EvalConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
+        if self.report and self.output_dir is None:
+            raise ValueError("report: true needs an output_dir to write the page and plot to")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -77,15 +80,20 @@ def evaluate(
     output_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool = True,
+    report: bool = False,
 ) -> dict[str, Any]:
     """Sample ``num_generations`` completions per row of ``split`` and score them.
 
     Returns the summary; with ``output_dir`` also writes ``generations.jsonl`` and
-    ``summary.json`` there. Deterministic for a seed: batch i is sampled with seed + i.
+    ``summary.json`` there, and with ``report`` the first batch's trace page and the summary
+    as a PNG (:mod:`unmask.viz.eval_report`). Deterministic for a seed: batch i is sampled
+    with seed + i.
     """
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("evaluation needs the model's tokenizer; the model has none")
+    if report and output_dir is None:
+        raise ValueError("report=True needs an output_dir to write the page and plot to")
     data = task.dataset(split)
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
@@ -108,6 +116,8 @@ def evaluate(
         completions = rollout.completion_texts(tokenizer)
         scores = task.score(prompts, completions, batch_columns)
         totals = task.weighted_sum(scores)
+        if batch_index == 0:
+            first_batch = (rollout, scores, totals)
         for i, completion in enumerate(completions):
             keep = rollout.completion_mask[i]
             rewards = {name: values[i] for name, values in scores.items()}
@@ -137,6 +147,10 @@ def evaluate(
             for record in records:
                 f.write(json.dumps(record) + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if report:
+            from unmask.viz.eval_report import write_eval_report
+
+            write_eval_report(out, model, *first_batch, summary, num_generations)
     return summary
 
 
@@ -201,4 +215,5 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
         output_dir=config.output_dir,
         seed=config.seed,
         progress=progress,
+        report=config.report,
     )

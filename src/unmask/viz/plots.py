@@ -44,9 +44,12 @@ class Panel:
 PANELS: tuple[Panel, ...] = (
     Panel(
         "reward",
-        "Reward (band: mean within-group std)",
+        "Reward",
         "reward",
-        (Series("reward", "mean reward", band="reward_std"), Series("eval/reward", "eval reward")),
+        (
+            Series("reward", "train (band: +- mean within-group std)", band="reward_std"),
+            Series("eval/reward", "eval"),
+        ),
         prefix="reward/",
     ),
     Panel("accuracy", "Held-out accuracy", "accuracy", (Series("eval/accuracy", "eval accuracy"),)),

@@ -19,6 +19,7 @@ import html
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,36 +43,42 @@ NO_CONFIDENCE_NOTE = (
     "replay_confidences(model, rollout))"
 )
 
-Rewards = Sequence[float | None] | Mapping[str, Sequence[float | None]]
+Values = Sequence[float | None]
 
 
 @torch.no_grad()
 def replay_confidences(
-    model: DiffusionLM, rollout: Rollout, micro_batch_size: int = 64
+    model: DiffusionLM,
+    rollout: Rollout,
+    rows: Sequence[int] | None = None,
+    micro_batch_size: int = 64,
 ) -> torch.Tensor:
     """``[B, G]``: the model's probability of each completion token at the step it was unmasked.
 
     One TraceRL view per denoising step rebuilds the exact state the sampler saw, so for the
     exact caches (``kv``, ``none``) this equals the sampler's untempered probability (the
-    ``low_confidence`` score). NaN where nothing is scored: never decoded, or after the EOS.
+    ``low_confidence`` score). Costs one forward per step and row, so only ``rows`` (default:
+    all) are replayed. NaN where nothing is scored: never decoded, after the EOS, other rows.
     """
     from unmask.objectives.base import token_logprobs
     from unmask.objectives.tracerl import TraceRL
 
-    views = TraceRL().views(rollout.to(model.device))
+    picked = torch.arange(rollout.batch_size) if rows is None else torch.tensor(list(rows))
+    views = TraceRL().views(_select(rollout, picked).to(model.device))
     logp = token_logprobs(model, views, micro_batch_size, temperature=1.0)
     assert isinstance(logp, torch.Tensor)
     out = torch.full(rollout.completion_ids.shape, math.nan)
-    rows, cols = views.scored.nonzero(as_tuple=True)
-    index = views.completion_index[rows, cols].cpu()
-    out[views.rollout_index[rows].cpu(), index] = logp[rows, cols].float().exp().cpu()
+    r, c = views.scored.nonzero(as_tuple=True)
+    source = picked[views.rollout_index[r].cpu()]
+    out[source, views.completion_index[r, c].cpu()] = logp[r, c].float().exp().cpu()
     return out
 
 
 def trace_data(
     rollout: Rollout,
     tokenizer: PreTrainedTokenizerBase,
-    rewards: Rewards | None = None,
+    rewards: Values | None = None,
+    reward_parts: Mapping[str, Values] | None = None,
     rows: Sequence[int] | None = None,
     confidences: torch.Tensor | None = None,
     labels: Sequence[str] | None = None,
@@ -86,7 +93,13 @@ def trace_data(
         raise ValueError(f"rows: {bad} out of range for a rollout of {batch} rows")
     if labels is not None and len(labels) != len(rows):
         raise ValueError(f"labels: {len(labels)} labels for {len(rows)} rows")
-    totals, parts = _split_rewards(rewards, batch)
+    named = {"rewards": rewards} if rewards is not None else {}
+    named.update({f"reward_parts[{k!r}]": v for k, v in (reward_parts or {}).items()})
+    for name, values in named.items():
+        if len(values) != batch:
+            raise ValueError(f"{name}: {len(values)} values for {batch} rollout rows")
+    totals = None if rewards is None else [_number(v) for v in rewards]
+    parts = {k: [_number(v) for v in values] for k, values in (reward_parts or {}).items()}
     conf, note = _confidences(rollout, confidences)
     gen = rollout.completion_ids.shape[1]
     positions = rollout.prompt_lengths.cpu()[:, None] + torch.arange(gen)[None, :]
@@ -132,7 +145,8 @@ def write_trace_html(
     rollout: Rollout,
     tokenizer: PreTrainedTokenizerBase,
     path: str | Path,
-    rewards: Rewards | None = None,
+    rewards: Values | None = None,
+    reward_parts: Mapping[str, Values] | None = None,
     rows: Sequence[int] | None = None,
     confidences: torch.Tensor | None = None,
     labels: Sequence[str] | None = None,
@@ -140,12 +154,12 @@ def write_trace_html(
 ) -> Path:
     """Write the trace page of ``rollout`` rows ``rows`` (default: all) to ``path``.
 
-    ``rewards``: per rollout row, a total (``[r0, r1, ...]``) or named parts
-    (``{"correct": [...], "format": [...]}``, shown as they are). ``confidences`` ``[B, G]``
+    ``rewards``: the total reward of each rollout row (None: unscored); ``reward_parts``: named
+    per-function values (``{"correct": [...], "format": [...]}``). ``confidences`` ``[B, G]``
     (NaN = none), e.g. from :func:`replay_confidences`; otherwise the sampler's log-probs are
     used when it recorded them. ``labels`` names the shown rows.
     """
-    data = trace_data(rollout, tokenizer, rewards, rows, confidences, labels)
+    data = trace_data(rollout, tokenizer, rewards, reward_parts, rows, confidences, labels)
     payload = json.dumps(data, ensure_ascii=False).replace("</", "<\\/")
     page = (
         _PAGE.replace("__TITLE__", html.escape(title))
@@ -159,20 +173,14 @@ def write_trace_html(
     return out
 
 
-def _split_rewards(
-    rewards: Rewards | None, batch: int
-) -> tuple[list[float | None] | None, dict[str, list[float | None]]]:
-    """``(totals, named parts)`` with every sequence checked to hold one value per row."""
-    if rewards is None:
-        return None, {}
-    named = dict(rewards) if isinstance(rewards, Mapping) else {"reward": rewards}
-    for name, values in named.items():
-        if len(values) != batch:
-            raise ValueError(f"rewards[{name!r}]: {len(values)} values for {batch} rollout rows")
-    parts = {name: [_number(v) for v in values] for name, values in named.items()}
-    if not isinstance(rewards, Mapping):
-        return parts.pop("reward"), parts
-    return None, parts
+def _select(rollout: Rollout, rows: torch.Tensor) -> Rollout:
+    """The rollout's rows ``rows`` (every per-row tensor indexed; nfe is the batch's)."""
+    picked = {
+        f.name: getattr(rollout, f.name)[rows.to(rollout.completion_ids.device)]
+        for f in fields(rollout)
+        if isinstance(getattr(rollout, f.name), torch.Tensor)
+    }
+    return replace(rollout, **picked)
 
 
 def _confidences(
