@@ -121,6 +121,19 @@ def _rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from unmask.models.convert import convert_checkpoint
+
+    overrides = {
+        key: value
+        for key, value in (("block_size", args.block_size), ("mask_token_id", args.mask_token_id))
+        if value is not None
+    }
+    path = convert_checkpoint(args.source, args.destination, dtype=args.dtype, **overrides)
+    print(f"converted model: {path}")
+    return 0
+
+
 def render_trace(tokens: Sequence[str], steps: Sequence[int]) -> str:
     """One line per denoising step: the tokens it unmasked, at their positions."""
     lines = []
@@ -175,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
             help="continue from the latest checkpoint in output_dir, or from the folder given",
         )
         sub.set_defaults(run=run)
+    conv = commands.add_parser(
+        "convert", help="write a LLaDA/MMaDA/Dream/DiffuCoder/SDAR/TraDo checkpoint natively"
+    )
+    conv.add_argument("source", help="the family checkpoint: local folder or hub name")
+    conv.add_argument("destination", help="new folder for the native checkpoint")
+    conv.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="cast the weights (default: keep each tensor's stored dtype)",
+    )
+    conv.add_argument("--block-size", type=int, help="override the diffusion block size")
+    conv.add_argument("--mask-token-id", type=int, help="override the mask token id")
+    conv.set_defaults(run=_convert, config=None)
     return parser
 
 

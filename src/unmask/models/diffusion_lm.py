@@ -171,7 +171,8 @@ class DiffusionLM(nn.Module):
         device: str | torch.device = "auto",
         **settings: Any,
     ) -> DiffusionLM:
-        """Load a preset name, a local folder or a hub name saved in this layout.
+        """Load a preset name, a local folder or a hub name saved in this layout, or a
+        checkpoint of a published family (LLaDA, Dream, SDAR...: see ``unmask.models.convert``).
 
         ``device="auto"`` takes CUDA when present; ``dtype="auto"`` is bf16 there, fp32 on CPU.
         ``settings`` override the saved diffusion settings (for example a larger
@@ -188,6 +189,12 @@ class DiffusionLM(nn.Module):
         path = Path(name)
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+        from unmask.models.convert import find_family_checkpoint, load_family
+
+        family = find_family_checkpoint(name)  # LLaDA, Dream, SDAR...: converted on the fly
+        if family is not None:
+            model, tokenizer, saved = load_family(*family, dtype=torch_dtype, **settings)
+            return cls(model, DiffusionSettings.from_dict(saved), tokenizer).to(device)
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=False)
         except OSError as err:
