@@ -11,6 +11,17 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# Code tasks run model-written programs under bubblewrap when it is installed (docs/sandbox.md).
+# Best effort: without it they use a weaker fallback, so setup never fails here.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+      && apt-get install -y -q bubblewrap >/dev/null 2>&1; then
+    echo "installed bubblewrap for the code sandbox"
+  else
+    echo "note: bwrap not found; code tasks will use the weaker fallback sandbox" \
+      "(apt-get install bubblewrap, see docs/sandbox.md)" >&2
+  fi
+fi
 if .venv/bin/python -m pip list 2>/dev/null | grep -qi '^nvidia-'; then
   echo "error: CUDA wheels (nvidia-*) were installed; check dependency ranges" >&2
   exit 1

@@ -26,7 +26,7 @@ class FlakySudoku(SudokuTask):
 
 
 def test_registry_names_and_errors() -> None:
-    assert sorted(TASKS) == ["countdown", "gsm8k", "math500", "sudoku"]
+    assert sorted(TASKS) == ["code", "countdown", "gsm8k", "math500", "sudoku"]
     for name in TASKS:
         task = get_task(name)
         assert task.name == name

@@ -1,9 +1,11 @@
-"""Reward building blocks: answer extraction, a safe arithmetic evaluator, math verification.
+"""Reward building blocks: answer extraction, a safe arithmetic evaluator, math verification,
+sandboxed code tests.
 
 Task-specific reward functions live with their task in :mod:`unmask.tasks`.
 """
 
 from unmask.rewards.arithmetic import Evaluation, ExpressionError, Limits, evaluate
+from unmask.rewards.code import CodeJudge, CodeTests, extract_program
 from unmask.rewards.extract import answer_tag, completion_text, last_boxed, last_number
 from unmask.rewards.math import (
     MathVerifier,
@@ -16,6 +18,8 @@ from unmask.rewards.math import (
 )
 
 __all__ = [
+    "CodeJudge",
+    "CodeTests",
     "Evaluation",
     "ExpressionError",
     "Limits",
@@ -26,6 +30,7 @@ __all__ = [
     "close",
     "completion_text",
     "evaluate",
+    "extract_program",
     "get_verifier",
     "last_boxed",
     "last_number",

@@ -6,6 +6,7 @@ from dataclasses import fields
 from typing import Any
 
 from unmask.tasks.base import Task
+from unmask.tasks.code import CodeTask
 from unmask.tasks.countdown import CountdownTask
 from unmask.tasks.gsm8k import GSM8KTask
 from unmask.tasks.math500 import Math500Task
@@ -16,6 +17,7 @@ TASKS: dict[str, type[Task]] = {
     "countdown": CountdownTask,
     "gsm8k": GSM8KTask,
     "math500": Math500Task,
+    "code": CodeTask,
 }
 
 
