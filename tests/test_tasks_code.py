@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,13 @@ from unmask.tasks import get_task
 DATA = Path(__file__).parent / "data" / "code_tiny.jsonl"
 # As root, the fallback (used where bubblewrap cannot run) needs an interpreter any uid can run.
 PYTHON = sys.executable if world_usable(sys.executable) else "/usr/bin/python3"
-SANDBOX = {"python": PYTHON, "workers": 2, "wall_slack": 1.0, "memory_mb": 512}
+SANDBOX = {
+    "python": PYTHON,
+    "site_packages": False,
+    "workers": 2,
+    "wall_slack": 1.0,
+    "memory_mb": 512,
+}
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +165,13 @@ def test_reward_hacks_score_zero(task, rows):
         "exit(0)",
         "import os\nos._exit(0)",
         "import sys\nsys.exit()",
-        "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)",
         "print('All tests passed!')",
         "class Any:\n    def __eq__(self, other):\n        raise SystemExit(0)\n"
         "def add(a, b):\n    return Any()",
     ]
+    task.judge.sandbox.start()
+    if task.judge.sandbox.backend == "bwrap" or os.geteuid() == 0:  # else it could kill us
+        hacks.append("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)")
     rates = score(task, add * len(hacks), hacks)["code_pass_rate"]
     assert rates == [0.0] * len(hacks)
 
