@@ -103,7 +103,8 @@ def load_family(
 def convert_checkpoint(
     source: str | Path, destination: str | Path, dtype: str | None = None, **overrides: Any
 ) -> Path:
-    """Write the family checkpoint ``source`` (folder or hub name) natively to ``destination``.
+    """Write the family checkpoint ``source`` (folder or hub name) natively to ``destination``;
+    a LoRA folder (``unmask.models.lora``) is merged into a native model instead.
 
     ``dtype`` (``float32``, ``bfloat16``, ``float16``) casts the weights; by default every tensor
     keeps its stored dtype. ``overrides`` replace diffusion settings. Returns ``destination``.
@@ -116,6 +117,8 @@ def convert_checkpoint(
         raise ValueError(f"{dst} exists and is not empty: choose a new destination folder")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or unset), got {dtype!r}")
+    if (Path(source) / CONFIG).is_file() and "lora" in _read_config(Path(source) / CONFIG):
+        return _merge_lora_folder(Path(source), dst, dtype)
     found = find_family_checkpoint(source)
     if found is None:
         raise ValueError(_not_a_family(source))
@@ -127,6 +130,19 @@ def convert_checkpoint(
         if (folder / name).is_file():
             shutil.copyfile(folder / name, dst / name)
     return dst
+
+
+def _merge_lora_folder(source: Path, dst: Path, dtype: str | None) -> Path:
+    """A LoRA folder (``unmask.models.lora``) merged into a native model: the adapters are
+    folded in fp32, the result saved in ``dtype`` or the base's stored dtype."""
+    from unmask.models.diffusion_lm import DiffusionLM
+    from unmask.models.lora import merge_lora
+    from unmask.train.checkpoint import save_model
+
+    config = _read_config(source / CONFIG)
+    stored = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
+    model = merge_lora(DiffusionLM.from_pretrained(source, dtype="float32", device="cpu"))
+    return save_model(model.to(getattr(torch, stored)), dst)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

@@ -159,7 +159,12 @@ class DiffusionLM(nn.Module):
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """Hugging Face layout: config (with ``diffusion``), safetensors weights, tokenizer."""
         self.model.config.diffusion = dataclasses.asdict(self.settings)
-        self.model.save_pretrained(str(path), **kwargs)
+        if getattr(self.model, "peft_config", None) is not None:  # LoRA adapters attached
+            from unmask.models.lora import save_lora
+
+            save_lora(self, Path(path))
+        else:
+            self.model.save_pretrained(str(path), **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(path))
 
@@ -169,6 +174,7 @@ class DiffusionLM(nn.Module):
         name_or_path: str | Path,
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "auto",
+        quantization_config: Any = None,
         **settings: Any,
     ) -> DiffusionLM:
         """Load a preset name, a local folder or a hub name saved in this layout, or a
@@ -177,7 +183,8 @@ class DiffusionLM(nn.Module):
         ``device="auto"`` takes CUDA when present; ``dtype="auto"`` is bf16 there, fp32 on CPU.
         ``settings`` override the saved diffusion settings (for example a larger
         ``block_size``). A checkpoint without saved settings needs ``mask_token_id`` and
-        ``layout`` here, or a conversion first.
+        ``layout`` here, or a conversion first. A LoRA folder (``unmask.models.lora``) loads
+        with its adapters. ``quantization_config`` (4-bit bases) needs a native checkpoint.
         """
         from unmask.models.presets import PRESETS, from_preset
 
@@ -193,6 +200,8 @@ class DiffusionLM(nn.Module):
 
         family = find_family_checkpoint(name)  # LLaDA, Dream, SDAR...: converted on the fly
         if family is not None:
+            if quantization_config is not None:
+                raise ValueError(f"{name}: convert it (unmask convert) before loading it in 4-bit")
             model, tokenizer, saved = load_family(*family, dtype=torch_dtype, **settings)
             return cls(model, DiffusionSettings.from_dict(saved), tokenizer).to(device)
         try:
@@ -212,10 +221,20 @@ class DiffusionLM(nn.Module):
                 f"{name}: config.json has no 'diffusion' settings and no mask token is known; "
                 "pass mask_token_id= and layout=, or convert the checkpoint first"
             )
+        if getattr(config, "lora", None):
+            from unmask.models.lora import load_lora
+
+            diffusion = DiffusionSettings.from_dict(saved)
+            return load_lora(path, config, diffusion, tokenizer, torch_dtype).to(device)
+        quantized = {}
+        if quantization_config is not None:  # bitsandbytes places the layers itself
+            quantized = {"quantization_config": quantization_config, "device_map": {"": device}}
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False
-        )
-        return cls(model, DiffusionSettings.from_dict(saved), tokenizer).to(device)
+            name, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False,
+            **quantized,
+        )  # fmt: skip
+        lm = cls(model, DiffusionSettings.from_dict(saved), tokenizer)
+        return lm if quantized else lm.to(device)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

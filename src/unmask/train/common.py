@@ -11,7 +11,9 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from unmask.train.checkpoint import latest_checkpoint
+from unmask.models.diffusion_lm import DiffusionLM
+from unmask.models.lora import LoRAConfig, add_lora, has_lora, merge_lora, quantization_config
+from unmask.train.checkpoint import latest_checkpoint, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +24,49 @@ def make_accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+def training_model(
+    model: DiffusionLM | None,
+    name: str,
+    device: torch.device,
+    lora: LoRAConfig | None = None,
+    gradient_checkpointing: bool = False,
+) -> DiffusionLM:
+    """The model a trainer updates (``model``, else loaded from ``name``).
+
+    Full training keeps fp32 weights (bf16 autocast on GPUs). With ``lora`` the base is frozen,
+    in bf16 on GPUs (4-bit with ``lora.load_in_4bit``), and only fp32 adapters train; a model
+    that already has adapters (a LoRA folder) keeps them. Gradient checkpointing recomputes
+    each layer's activations in the backward pass instead of storing them.
+    """
+    if model is None:
+        if lora is not None and lora.load_in_4bit:
+            model = DiffusionLM.from_pretrained(
+                name, dtype="bfloat16", device=device, quantization_config=quantization_config()
+            )
+        else:
+            dtype = "float32" if lora is None else "auto"
+            model = DiffusionLM.from_pretrained(name, dtype=dtype, device=device)
+    if gradient_checkpointing:  # the method's name in transformers 5.2x, and before
+        enable = getattr(model.model, "activation_checkpointing_enable", None)
+        (enable or model.model.gradient_checkpointing_enable)({"use_reentrant": False})
+    if lora is not None and not has_lora(model):
+        if lora.load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model.model, gradient_checkpointing)
+        add_lora(model, lora)
+    return model
+
+
+def save_final(model: DiffusionLM, path: Path) -> Path:
+    """Save the trained model to ``path``; a LoRA model is first saved as it is, adapters and
+    all, to ``path`` + ``_lora``, then merged (in place) into a plain native model."""
+    if has_lora(model):
+        save_model(model, path.with_name(f"{path.name}_lora"))
+        merge_lora(model)
+    return save_model(model, path)
 
 
 def build_optimizer(

@@ -11,7 +11,6 @@ lives across steps; no text is re-tokenised between sampling and the loss.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -26,6 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from unmask.config import to_dict
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.models.lora import LoRAConfig, reference_model
 from unmask.objectives import (
     LOSS_TYPES,
     Objective,
@@ -39,7 +39,7 @@ from unmask.objectives import (
 from unmask.objectives.advantages import SCALE_REWARDS
 from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
-from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
+from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from unmask.train.common import (
     BatchStream,
     build_optimizer,
@@ -47,6 +47,8 @@ from unmask.train.common import (
     checkpoint_to_resume,
     eval_metrics,
     make_accelerator,
+    save_final,
+    training_model,
 )
 from unmask.train.metrics import MetricsWriter
 
@@ -79,7 +81,8 @@ class RLConfig:
 
     A step samples ``num_prompts`` prompts per process, ``num_generations`` completions each.
     ``loss_type`` and ``importance_sampling_level`` default (null) to the objective's own.
-    ``beta > 0`` loads a frozen reference model (the starting weights) for the k3 KL.
+    ``beta > 0`` loads a frozen reference model (the starting weights) for the k3 KL; with
+    ``lora`` the reference is the adapter-disabled base (no second copy).
     ``drop_zero_std_groups`` trains only on groups whose rewards differ.
     """
 
@@ -110,6 +113,8 @@ class RLConfig:
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=1.0))
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False
+    lora: LoRAConfig | None = None
+    gradient_checkpointing: bool = False
     save_every: int = 0
     keep_last: int = 2
     max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
@@ -155,8 +160,7 @@ class RLTrainer:
         self.config = cfg = config
         self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
         set_seed(cfg.seed)
-        if model is None:
-            model = DiffusionLM.from_pretrained(cfg.model, dtype="float32", device=acc.device)
+        model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         if model.tokenizer is None:
             raise ValueError("RL needs the model's tokenizer to decode completions for rewards")
         self.core = model.to(acc.device)
@@ -180,7 +184,7 @@ class RLTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
         self.reference = None
         if cfg.beta > 0:
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+            self.reference = reference_model(model)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
         self.model, self.optimizer = acc.prepare(self.core, optimizer)
@@ -228,7 +232,7 @@ class RLTrainer:
         bar.close()
         final = self.output_dir / "final"
         if main:
-            save_model(acc.unwrap_model(self.model), final)
+            save_final(acc.unwrap_model(self.model), final)
         acc.wait_for_everyone()
         writer.close()
         return final

@@ -9,7 +9,8 @@ gradient accumulation and clipping, and bf16 autocast on GPUs.
 Every ``save_every`` steps it writes an atomic checkpoint (:mod:`unmask.train.checkpoint`) with
 the optimizer, scheduler, random states and data position, so a resumed run continues exactly
 as an uninterrupted one would. Metrics go to ``OUTPUT_DIR/metrics.jsonl`` (and TensorBoard
-with ``report_to: [tensorboard]``); the final model is saved to ``OUTPUT_DIR/final``.
+with ``report_to: [tensorboard]``); the final model is saved to ``OUTPUT_DIR/final`` (merged;
+with LoRA the adapters also stay in ``OUTPUT_DIR/final_lora``).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmu
 
 from unmask.config import to_dict
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.models.lora import LoRAConfig
 from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
 from unmask.objectives.views import collate
 from unmask.sampling.sampler import SamplerConfig, _pad_id
-from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
+from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from unmask.train.common import (
     BatchStream,
     build_optimizer,
@@ -41,6 +43,8 @@ from unmask.train.common import (
     checkpoint_to_resume,
     eval_metrics,
     make_accelerator,
+    save_final,
+    training_model,
 )
 from unmask.train.metrics import MetricsWriter
 
@@ -82,7 +86,9 @@ class SFTConfig:
     block-causal models and ``random_mask`` for full attention. ``elbo_weight`` applies the
     ELBO's 1/t weight; ``t_min``/``t_max`` bound the mask ratio. ``resume`` is ``latest`` or a
     checkpoint folder. ``mixed_precision: auto`` is bf16 on CUDA and fp32 on CPU (where bf16
-    autocast is slower for tiny models).
+    autocast is slower for tiny models). ``lora`` trains LoRA adapters on a frozen base (see
+    ``unmask.models.lora``); the final model is merged. ``gradient_checkpointing`` trades
+    compute for activation memory.
     """
 
     model: str = "micro-block"
@@ -104,6 +110,8 @@ class SFTConfig:
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False
+    lora: LoRAConfig | None = None
+    gradient_checkpointing: bool = False
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_last: int = 2
     log_every: int = 10
@@ -160,8 +168,7 @@ class SFTTrainer:
         self.config = cfg = config
         self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
         set_seed(cfg.seed)
-        if model is None:
-            model = DiffusionLM.from_pretrained(cfg.model, dtype="float32", device=acc.device)
+        model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         self.core = model.to(acc.device).train()
         self.objective = resolve_objective(cfg.objective, model.layout)
         if task is None and (pairs is None or cfg.eval.every):
@@ -222,7 +229,7 @@ class SFTTrainer:
         bar.close()
         final = self.output_dir / "final"
         if main:
-            save_model(acc.unwrap_model(self.model), final)
+            save_final(acc.unwrap_model(self.model), final)
         acc.wait_for_everyone()
         writer.close()
         return final
