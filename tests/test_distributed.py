@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -127,6 +128,34 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
     assert resumed.steps_done == STEPS
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 2))
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((ROOT / "configs/families").glob("*/*.yaml")), ids=lambda p: p.parent.name
+    + "/" + p.name,
+)  # fmt: skip
+def test_family_recipes_are_valid_configs(recipe):
+    from unmask.config import load_config
+    from unmask.eval.evaluate import EvalConfig
+    from unmask.train.rl import RLConfig
+    from unmask.train.sft import SFTConfig
+
+    cls = {"sft": SFTConfig, "eval": EvalConfig}.get(recipe.stem, RLConfig)
+    config = load_config(cls, recipe)
+    if cls is RLConfig:  # the objective's options exist too
+        from unmask.objectives import get_objective
+
+        assert get_objective(config.objective, **config.objective_options).name == recipe.stem
+    assert str(config.model).startswith(("runs/", "GSAI-ML/", "Dream-org/", "Gen-Verse/"))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_accelerate_configs_parse(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs/accelerate" / f"{name}.yaml"))
+    expected = {"ddp": "MULTI_GPU", "fsdp": "FSDP"}.get(name, "DEEPSPEED")
+    assert config.distributed_type.value == expected and config.num_machines == 1
 
 
 if __name__ == "__main__":
