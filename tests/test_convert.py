@@ -386,3 +386,33 @@ def test_cli_refuses_native_folders_and_existing_destinations(tmp_path, capsys):
     (tmp_path / "busy" / "x").write_text("")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "busy")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_hub_names_download_family_checkpoints_only(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from unmask.models import from_preset
+    from unmask.models.convert import DOWNLOAD_PATTERNS, find_family_checkpoint
+
+    write_qwen_family(tmp_path / "sdar", "sdar")
+    from_preset("nano-full").save_pretrained(tmp_path / "native")
+    calls = []
+
+    def file(repo, name):
+        calls.append(("file", repo, name))
+        return str(tmp_path / repo.split("/")[1] / name)
+
+    def snapshot(repo, allow_patterns):
+        calls.append(("snapshot", repo, allow_patterns))
+        return str(tmp_path / repo.split("/")[1])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    assert find_family_checkpoint("org/native") is None  # a native config: nothing downloaded
+    model = DiffusionLM.from_pretrained("org/sdar", device="cpu")
+    assert model.layout == "block" and model.block_size == 8
+    assert calls == [
+        ("file", "org/native", "config.json"),
+        ("file", "org/sdar", "config.json"),
+        ("snapshot", "org/sdar", DOWNLOAD_PATTERNS),
+    ]

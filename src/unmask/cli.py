@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv = commands.add_parser(
         "convert", help="write a LLaDA/MMaDA/Dream/DiffuCoder/SDAR/TraDo checkpoint natively"
     )
-    conv.add_argument("source", help="the family checkpoint: local folder or hub name")
+    conv.add_argument(
+        "source", help="a family checkpoint (local folder or hub name), or a LoRA folder to merge"
+    )
     conv.add_argument("destination", help="new folder for the native checkpoint")
     conv.add_argument(
         "--dtype",
