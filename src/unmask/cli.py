@@ -134,6 +134,28 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from unmask.serve.server import serve
+    except ImportError as err:
+        print(f"unmask serve needs FastAPI and uvicorn ({err}): pip install 'unmask[serve]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from unmask.serve.config import ServeConfig
+
+    overrides = list(args.overrides)
+    path = args.config
+    if path is not None and not path.endswith((".yaml", ".yml")):  # `unmask serve MODEL`
+        overrides.insert(0, f"model={json.dumps(path)}")
+        path = None
+    for key, value in (("model", args.model), ("host", args.host), ("port", args.port),
+                       ("api_key", args.api_key)):  # fmt: skip
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    serve(load_config(ServeConfig, path, overrides))
+    return 0
+
+
 def render_trace(tokens: Sequence[str], steps: Sequence[int]) -> str:
     """One line per denoising step: the tokens it unmasked, at their positions."""
     lines = []
@@ -188,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="continue from the latest checkpoint in output_dir, or from the folder given",
         )
         sub.set_defaults(run=run)
+    srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serve.md)")
+    srv.add_argument("config", nargs="?", help="a model (preset, folder, hub name) or YAML config")
+    srv.add_argument("overrides", nargs="*", help="dotted overrides, e.g. max_batch_size=16")
+    srv.add_argument("--model", help="preset name, local folder or hub name")
+    srv.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    srv.add_argument("--port", type=int, help="port (default 8000)")
+    srv.add_argument("--api-key", dest="api_key", help="require this key (or set UNMASK_API_KEY)")
+    srv.set_defaults(run=_serve)
     conv = commands.add_parser(
         "convert", help="write a LLaDA/MMaDA/Dream/DiffuCoder/SDAR/TraDo checkpoint natively"
     )

@@ -25,7 +25,7 @@ hide stale cached columns, so all caches are the same mechanism:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +90,19 @@ class SamplerConfig:
             raise ValueError(f"sampler.top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class StepView:
+    """The completion canvas after one denoising step (for ``generate(on_step=...)``).
+
+    ``completion_ids`` ``[B, gen_length]`` is a copy: positions not yet unmasked hold the
+    mask token. Watching these step by step shows the text appear out of order.
+    """
+
+    nfe: int  # forwards so far, this step's included
+    block: int
+    completion_ids: torch.Tensor
 
 
 @dataclass
@@ -161,8 +174,12 @@ class Sampler:
         model: DiffusionLM,
         prompts: Sequence[str] | Sequence[Sequence[int]],
         seed: int | None = None,
+        on_step: Callable[[StepView], None] | None = None,
     ) -> Rollout:
-        """Decode ``gen_length`` tokens after each prompt (text, or token ids)."""
+        """Decode ``gen_length`` tokens after each prompt (text, or token ids).
+
+        ``on_step``, when given, is called after every denoising step with the canvas.
+        """
         cfg = self.config
         prompt_ids = encode_prompts(model, prompts)
         b = cfg.block_length or model.block_size
@@ -211,6 +228,7 @@ class Sampler:
         runner = _Forwarder(model, canvas, cache, b)
         threshold = cfg.threshold if cfg.remasking == "threshold" else None
         nfe = 0
+        index = canvas.completion_start[:, None] + torch.arange(cfg.gen_length, device=device)
 
         for k in range((width - canvas.start) // b):
             a0, a1 = canvas.start + k * b, canvas.start + (k + 1) * b
@@ -235,6 +253,8 @@ class Sampler:
                 row_step += chosen.any(dim=1)
                 nfe += 1
                 step += 1
+                if on_step is not None:
+                    on_step(StepView(nfe, k, canvas.ids.gather(1, index)))
             ended = canvas.completion_start + cfg.gen_length <= a1
             if cfg.stop_at_eos and eos_id is not None:
                 ended |= ((canvas.ids[:, a0:a1] == eos_id) & canvas.completion[:, a0:a1]).any(1)
