@@ -118,6 +118,7 @@ class RLConfig:
     save_every: int = 0
     keep_last: int = 2
     max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
+    max_time_s: float | None = None  # stop early, saving the final model, after this long
     log_every: int = 1
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
@@ -210,9 +211,11 @@ class RLTrainer:
                    disable=not (cfg.progress and main))  # fmt: skip
         if cfg.eval.every and start == 0:
             writer.log(0, self.evaluate())
+        began = time.perf_counter()
         for step in range(start + 1, cfg.max_steps + 1):
             self.steps_done = step - 1
             metrics = self.step()
+            last = step == cfg.max_steps or self._out_of_time(began)
             if self.bad_in_a_row >= cfg.max_bad_steps:
                 writer.log(step, metrics)
                 writer.close()
@@ -221,14 +224,18 @@ class RLTrainer:
                     f"non-finite loss or gradient and were skipped; the last good checkpoint "
                     f"is in {self.output_dir / 'checkpoints'} (lower lr or check the rewards)"
                 )
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if step % cfg.log_every == 0 or last:
                 writer.log(step, metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.3f}")
             bar.update(1)
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
+            if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                 writer.log(step, self.evaluate())
             if cfg.save_every and step % cfg.save_every == 0:
                 self.save(step)
+            if last:
+                if step < cfg.max_steps:
+                    logger.info("max_time_s=%s reached after step %d", cfg.max_time_s, step)
+                break
         bar.close()
         final = self.output_dir / "final"
         if main:
@@ -236,6 +243,14 @@ class RLTrainer:
         acc.wait_for_everyone()
         writer.close()
         return final
+
+    def _out_of_time(self, began: float) -> bool:
+        """Past ``max_time_s`` on any process (all processes stop at the same step)."""
+        if self.config.max_time_s is None:
+            return False
+        over = time.perf_counter() - began > self.config.max_time_s
+        flag = torch.tensor([float(over)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def step(self) -> dict[str, float]:
         """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""

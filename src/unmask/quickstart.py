@@ -1,0 +1,430 @@
+"""``unmask quickstart``: the main CPU job. SFT a tiny model, evaluate, RL, evaluate again.
+
+Stages write into their own folders under ``output_dir`` and a finished stage is skipped, so
+running the same command again after an interruption continues where it stopped (the trainers
+resume from their last checkpoint). The SFT model is also cached by recipe under
+``cache_dir``, so a second quickstart with another objective or output folder starts from the
+same model without training it again.
+
+The recipes (:data:`RECIPES`) are ordinary :class:`~unmask.train.sft.SFTConfig` and
+:class:`~unmask.train.rl.RLConfig` fields; any of them can be overridden with ``sft.KEY=...``
+and ``rl.KEY=...``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unmask.config import ConfigError, from_dict, to_dict
+from unmask.sampling.sampler import SamplerConfig
+from unmask.tasks.registry import TASKS
+from unmask.train.rl import RLConfig
+from unmask.train.sft import SFTConfig
+
+FINAL = "final"
+RESULTS_JSON = "results.json"
+RESULTS_PNG = "results.png"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A task's quickstart: the starting model, task options, and the SFT and RL fields."""
+
+    model: str
+    task_options: Mapping[str, Any]
+    gen_length: int
+    sft: Mapping[str, Any]
+    rl: Mapping[str, Any]
+
+
+_RL = {"num_prompts": 8, "num_generations": 8, "lr": 3e-4, "warmup_steps": 10}
+RECIPES: dict[str, Recipe] = {
+    "sudoku": Recipe(
+        model="nano-block",
+        task_options={"blanks": 6, "num_test": 512},
+        gen_length=20,  # 16 digits + EOS, rounded up to the block size
+        sft={"max_steps": 300, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50},
+        rl={"max_steps": 250, **_RL},
+    ),
+    "countdown": Recipe(
+        model="micro-block",
+        task_options={"num_test": 512},
+        gen_length=16,  # the longest 3-number equation is 13 characters + EOS
+        sft={"max_steps": 600, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50},
+        rl={"max_steps": 250, **_RL},
+    ),
+}
+# Both evaluations, before and after RL: the policy RL trains (sampled at the RL sampler's
+# temperature; the headline) and greedy decoding.
+MODES: tuple[str, ...] = ("sampled", "greedy")
+
+
+@dataclass
+class QuickstartConfig:
+    """``unmask quickstart``: what to run, and where; the recipe fills in the rest.
+
+    ``minutes`` is a wall-clock budget for the whole run: RL stops early (saving its model)
+    when the remaining time would not leave room for the final evaluation. ``sft`` and ``rl``
+    hold field overrides of the recipe's trainer configs (``rl.lr=1e-4``).
+    """
+
+    task: str = "sudoku"
+    objective: str = "tracerl"
+    model: str | None = None  # None: the recipe's preset
+    output_dir: str = "runs/quickstart"
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/unmask/quickstart (~/.cache/...)
+    minutes: float | None = 10.0
+    seed: int = 0
+    eval_limit: int = 512
+    eval_batch_size: int = 256
+    task_options: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+    rl: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in RECIPES:
+            raise ValueError(f"task must be one of {sorted(RECIPES)}, got {self.task!r}")
+        from unmask.objectives import OBJECTIVES
+
+        if self.objective not in OBJECTIVES:
+            raise ValueError(
+                f"objective must be one of {sorted(OBJECTIVES)}, got {self.objective!r}"
+            )
+        if self.minutes is not None and self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0 (or null for no budget), got {self.minutes}")
+        if self.eval_limit < 1:
+            raise ValueError(f"eval_limit must be >= 1, got {self.eval_limit}")
+
+
+@dataclass
+class Plan:
+    """The resolved configs of every stage."""
+
+    sft: SFTConfig
+    rl: RLConfig
+    eval_samplers: dict[str, SamplerConfig]
+    task_options: dict[str, Any]
+    sft_cache: Path
+
+
+def plan(config: QuickstartConfig) -> Plan:
+    """Resolve the recipe and the user's overrides into the trainers' configs."""
+    recipe = RECIPES[config.task]
+    out = Path(config.output_dir)
+    task_options = {**recipe.task_options, **config.task_options}
+    data = {"task": config.task, "options": task_options, "split": "train"}
+    model = config.model or recipe.model
+    sft = _build(SFTConfig, "sft", {
+        "model": model, "seed": config.seed, "data": data, "save_every": 50, "log_every": 10,
+        "progress": config.progress, **recipe.sft,
+    }, config.sft)  # fmt: skip
+    rl = _build(RLConfig, "rl", {
+        "objective": config.objective, "seed": config.seed, "data": data, "save_every": 10,
+        "progress": config.progress,
+        "sampler": {"gen_length": recipe.gen_length, "temperature": 1.0},
+        **recipe.rl,
+    }, config.rl)  # fmt: skip
+    key = json.dumps(to_dict(replace(sft, output_dir="", progress=True)), sort_keys=True)
+    cache = Path(config.cache_dir) if config.cache_dir else _default_cache()
+    sft_cache = cache / f"sft-{config.task}-{sha256(key.encode()).hexdigest()[:12]}"
+    return Plan(
+        sft=replace(sft, output_dir=str(out / "sft")),
+        rl=replace(rl, model=str(out / "sft" / FINAL), output_dir=str(out / "rl")),
+        eval_samplers={
+            "sampled": replace(rl.sampler, return_logprobs=False, seed=None),
+            "greedy": replace(rl.sampler, temperature=0.0, top_k=0, top_p=1.0, seed=None),
+        },
+        task_options=task_options,
+        sft_cache=sft_cache,
+    )
+
+
+def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
+    """Run every stage not yet done; returns (and writes) the before/after results."""
+    from unmask.train.rl import RLTrainer
+    from unmask.train.sft import SFTTrainer
+
+    began = time.monotonic()
+    p = plan(config)
+    out = Path(config.output_dir)
+    _check_same_run(out, config)
+    show = _Stages(config, began)
+
+    sft_final = out / "sft" / FINAL
+    show.stage(1, f"SFT {p.sft.model} on {config.task} ({p.sft.max_steps} steps)")
+    if _is_model(sft_final):
+        show.note(f"done already: {sft_final}")
+    elif _is_model(p.sft_cache):
+        _copy_model(p.sft_cache, sft_final)
+        show.note(f"reused the cached SFT model {p.sft_cache}")
+    else:
+        SFTTrainer(_resuming(p.sft)).train()
+        _copy_model(sft_final, p.sft_cache)
+
+    show.stage(2, f"evaluate the SFT model on {config.eval_limit} held-out rows")
+    first_eval = time.monotonic()
+    before = _evaluate(config, p, sft_final, out / "eval_sft")
+    eval_s = time.monotonic() - first_eval
+
+    rl_final = out / "rl" / FINAL
+    show.stage(3, f"RL ({config.objective}) from the SFT model")
+    if _is_model(rl_final):
+        show.note(f"done already: {rl_final}")
+    else:
+        rl = _resuming(p.rl)
+        if config.minutes is not None:
+            left = config.minutes * 60 - (time.monotonic() - began) - 1.2 * eval_s
+            rl = replace(rl, max_time_s=max(left, 0.0))
+        RLTrainer(rl).train()
+    _plots(out / "rl")
+
+    show.stage(4, "evaluate the RL model on the same rows")
+    after = _evaluate(config, p, rl_final, out / "eval_rl")
+
+    results = compare(before, after, TASKS[config.task].accuracy_reward)
+    results.update(
+        task=config.task,
+        objective=config.objective,
+        rl_steps=_last_step(out / "rl"),
+        wall_s=time.monotonic() - began,
+    )
+    (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
+    _table_png(results, out / RESULTS_PNG)
+    show.table(results)
+    return results
+
+
+# -- results ---------------------------------------------------------------------------------
+def compare(
+    before: Mapping[str, Mapping[str, Any]],
+    after: Mapping[str, Mapping[str, Any]],
+    accuracy_reward: str = "",
+) -> dict[str, Any]:
+    """Before/after rows per evaluation mode: accuracy (Wilson interval), each other reward's
+    mean (normal interval), then mean NFE. ``before``/``after`` map a mode to its evaluation
+    summary plus ``samples`` (each reward's per-sample values). ``significant``: the headline
+    (first mode's) accuracy intervals do not overlap."""
+    rows: list[dict[str, Any]] = []
+    for mode in before:
+        b, a = before[mode], after[mode]
+        rows.append({"metric": f"accuracy ({mode})", "before": b["accuracy"],
+                     "before_ci95": b["accuracy_ci95"], "after": a["accuracy"],
+                     "after_ci95": a["accuracy_ci95"]})  # fmt: skip
+        for name, values in b["samples"].items():
+            if name != accuracy_reward and name in a["samples"]:
+                rows.append({"metric": f"{name} ({mode})", "before": _mean(values),
+                             "before_ci95": _normal_ci(values), "after": _mean(a["samples"][name]),
+                             "after_ci95": _normal_ci(a["samples"][name])})  # fmt: skip
+    for mode in before:
+        rows.append({"metric": f"mean NFE ({mode})", "before": before[mode]["mean_nfe"],
+                     "after": after[mode]["mean_nfe"]})  # fmt: skip
+    for row in rows:
+        row["change"] = row["after"] - row["before"]
+    head = next(iter(before))
+    (b_low, b_high), (a_low, a_high) = before[head]["accuracy_ci95"], after[head]["accuracy_ci95"]
+    return {
+        "rows": rows,
+        "headline": head,
+        "num_samples": after[head]["num_samples"],
+        "accuracy_gain": after[head]["accuracy"] - before[head]["accuracy"],
+        "significant": max(b_low, a_low) > min(b_high, a_high),
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _normal_ci(values: list[float]) -> list[float]:
+    """95% normal-approximation interval of a mean."""
+    n, mean = len(values), _mean(values)
+    var = sum((v - mean) ** 2 for v in values) / max(n - 1, 1)
+    half = 1.96 * math.sqrt(var / n)
+    return [mean - half, mean + half]
+
+
+def _per_sample(eval_dir: Path) -> dict[str, list[float]]:
+    """Each reward's per-sample values from an evaluation's generations.jsonl (unscored
+    samples count as 0, as they do in accuracy)."""
+    values: dict[str, list[float]] = {}
+    with (eval_dir / "generations.jsonl").open() as f:
+        for line in f:
+            for name, value in json.loads(line)["rewards"].items():
+                values.setdefault(name, []).append(0.0 if value is None else float(value))
+    return values
+
+
+def _fmt(value: float, ci: list[float] | None) -> str:
+    text = f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _table_png(results: Mapping[str, Any], path: Path) -> None:
+    from unmask.viz.plots import plot_table
+
+    rows = [
+        {
+            "metric": r["metric"],
+            "SFT [95% CI]": _fmt(r["before"], r.get("before_ci95")),
+            "SFT + RL [95% CI]": _fmt(r["after"], r.get("after_ci95")),
+            "change": f"{r['change']:+.3f}",
+        }
+        for r in results["rows"]
+    ]
+    plot_table(rows, path, title=f"{results['task']}: {results['objective']}, "
+               f"{results['num_samples']} held-out samples")  # fmt: skip
+
+
+def _plots(run_dir: Path) -> None:
+    from unmask.viz.plots import plot_metrics
+
+    if (run_dir / "metrics.jsonl").exists():
+        plot_metrics(run_dir)
+
+
+# -- stages ----------------------------------------------------------------------------------
+def _build(cls: type, where: str, recipe: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The recipe's fields with the user's overrides, checked; errors name ``where.field``."""
+    return from_dict(cls, _merge(recipe, overrides), where)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _resuming(config: Any) -> Any:
+    """The trainer config, resuming from the stage's latest checkpoint when there is one."""
+    from unmask.train.checkpoint import latest_checkpoint
+
+    found = latest_checkpoint(Path(config.output_dir)) is not None
+    return replace(config, resume="latest" if found else None)
+
+
+def _evaluate(
+    config: QuickstartConfig, p: Plan, model_dir: Path, out: Path
+) -> dict[str, dict[str, Any]]:
+    """Evaluate ``model_dir`` in every mode into ``out/MODE`` (reading back the summaries a
+    finished evaluation left there); each summary gains its per-sample rewards."""
+    from unmask.eval.evaluate import evaluate
+    from unmask.models.diffusion_lm import DiffusionLM
+    from unmask.train.common import build_task
+
+    model = task = None
+    summaries: dict[str, dict[str, Any]] = {}
+    for mode, sampler in p.eval_samplers.items():
+        folder = out / mode
+        if (folder / "summary.json").exists() and (folder / "generations.jsonl").exists():
+            summary = json.loads((folder / "summary.json").read_text())
+        else:
+            if model is None:
+                model = DiffusionLM.from_pretrained(str(model_dir))
+                task = build_task(config.task, p.task_options, model.tokenizer)
+            summary = evaluate(model, task, sampler, split="test", limit=config.eval_limit,
+                               batch_size=config.eval_batch_size, output_dir=folder,
+                               seed=config.seed, progress=config.progress, report=True)  # fmt: skip
+        summaries[mode] = {**summary, "samples": _per_sample(folder)}
+    return summaries
+
+
+def _is_model(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def _copy_model(src: Path, dst: Path) -> None:
+    """Copy a model folder atomically (a temporary sibling, then a rename)."""
+    tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(dst)
+
+
+def _default_cache() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "unmask" / "quickstart"
+
+
+def _check_same_run(out: Path, config: QuickstartConfig) -> None:
+    """Refuse to continue a run folder that was started with another task, objective or
+    recipe: its finished stages would be silently reused."""
+    saved = out / "quickstart.yaml"
+    mine = {k: v for k, v in to_dict(config).items() if k not in ("minutes", "progress")}
+    if saved.exists():
+        theirs = yaml.safe_load(saved.read_text()) or {}
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            raise ConfigError(
+                f"{out} holds a quickstart run with other settings ({', '.join(differ)}); "
+                "choose another output_dir (--output-dir) or delete that folder"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(yaml.safe_dump(mine, sort_keys=False))
+
+
+def _last_step(run_dir: Path) -> int | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return None
+    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+    return max(steps) if steps else None
+
+
+class _Stages:
+    """Stage headers with the elapsed time and the budget, and the final table."""
+
+    def __init__(self, config: QuickstartConfig, began: float) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.config, self.began = config, began
+
+    def stage(self, number: int, what: str) -> None:
+        elapsed = _clock(time.monotonic() - self.began)
+        budget = f" of {_clock(self.config.minutes * 60)}" if self.config.minutes else ""
+        self.console.print(f"[bold]\\[{number}/4][/bold] {what}  [dim]({elapsed}{budget})[/dim]")
+
+    def note(self, text: str) -> None:
+        self.console.print(f"      {text}")
+
+    def table(self, results: Mapping[str, Any]) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{results['task']}, {results['objective']}: held-out, "
+                      f"{results['num_samples']} rows, 95% intervals")  # fmt: skip
+        for column in ("metric", "SFT", "SFT + RL", "change"):
+            table.add_column(column, justify="left" if column == "metric" else "right")
+        for r in results["rows"]:
+            table.add_row(r["metric"], _fmt(r["before"], r.get("before_ci95")),
+                          _fmt(r["after"], r.get("after_ci95")), f"{r['change']:+.3f}")  # fmt: skip
+        console = Console()
+        console.print(table)
+        verdict = "intervals do not overlap" if results["significant"] else "intervals overlap"
+        console.print(f"accuracy ({results['headline']}) {results['accuracy_gain']:+.3f} "
+                      f"({verdict}); "
+                      f"{_clock(results['wall_s'])} in all; "
+                      f"results in {self.config.output_dir}/{RESULTS_JSON}")  # fmt: skip
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
