@@ -25,7 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from unmask.config import to_dict
 from unmask.models.diffusion_lm import DiffusionLM
-from unmask.models.lora import LoRAConfig, reference_model
+from unmask.models.lora import LoRAConfig, has_lora, reference_model
 from unmask.objectives import (
     LOSS_TYPES,
     Objective,
@@ -37,9 +37,16 @@ from unmask.objectives import (
     token_logprobs,
 )
 from unmask.objectives.advantages import SCALE_REWARDS
+from unmask.objectives.value import (
+    ValueConfig,
+    ValueLearner,
+    ValueModel,
+    load_token_reward,
+    token_reward_vectors,
+)
 from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
-from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
+from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
 from unmask.train.common import (
     BatchStream,
     build_optimizer,
@@ -53,6 +60,8 @@ from unmask.train.common import (
 from unmask.train.metrics import MetricsWriter
 
 logger = logging.getLogger(__name__)
+
+VALUE_OBJECTIVES = ("tracerl", "agrpo")  # they score each token in the state it was unmasked from
 
 
 @dataclass
@@ -84,6 +93,8 @@ class RLConfig:
     ``beta > 0`` loads a frozen reference model (the starting weights) for the k3 KL; with
     ``lora`` the reference is the adapter-disabled base (no second copy).
     ``drop_zero_std_groups`` trains only on groups whose rewards differ.
+    ``value_model`` (TraceRL's diffusion value model, docs/value.md) replaces the group
+    advantage by a token advantage from a learned value (objectives scored on the trace only).
     """
 
     model: str = "micro-block"
@@ -123,6 +134,7 @@ class RLConfig:
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
     eval: RLEval = field(default_factory=RLEval)
+    value_model: ValueConfig = field(default_factory=ValueConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "num_prompts", "num_iterations", "micro_batch_size",
@@ -149,6 +161,17 @@ class RLConfig:
             )
         if self.beta < 0 or self.epsilon <= 0:
             raise ValueError("beta must be >= 0 and epsilon > 0")
+        if self.value_model.enabled:
+            if self.objective not in VALUE_OBJECTIVES:
+                raise ValueError(
+                    f"value_model needs an objective that scores tokens in their trace state "
+                    f"({', '.join(VALUE_OBJECTIVES)}), got {self.objective!r}"
+                )
+            if self.importance_sampling_level == "sequence":
+                raise ValueError(
+                    "value_model gives token advantages: importance_sampling_level must be "
+                    "token (or null)"
+                )
 
 
 class RLTrainer:
@@ -192,6 +215,10 @@ class RLTrainer:
         # Forwards go through the prepared (DDP) module so gradients are all-reduced; the
         # diffusion settings are read from the model itself.
         self.policy = _Prepared(self.model, self.core)
+        self.value = self._value_learner(model, options) if cfg.value_model.enabled else None
+        self.token_reward = None
+        if cfg.value_model.enabled and cfg.value_model.token_reward:
+            self.token_reward = load_token_reward(cfg.value_model.token_reward)
         self.output_dir = Path(cfg.output_dir)
         self.steps_done = 0
         self.bad_in_a_row = 0
@@ -240,6 +267,8 @@ class RLTrainer:
         final = self.output_dir / "final"
         if main:
             save_final(acc.unwrap_model(self.model), final)
+            if self.value is not None:
+                save_model(self.value.core, self.output_dir / "final_value")
         acc.wait_for_everyone()
         writer.close()
         return final
@@ -291,7 +320,22 @@ class RLTrainer:
         metrics.update(_reward_metrics(scores))
         metrics["reward_unscored"] = float((~scored).sum())
         metrics.update(_rollout_metrics(rollout))
-        metrics.update(self._optimize(rollout, adv.advantages, kept))
+        advantages = adv.advantages
+        if self.value is not None:
+            outcome = {"group": adv.advantages, "raw": rewards, "none": None}
+            process = None
+            if self.token_reward is not None:
+                process, ok = token_reward_vectors(
+                    self.token_reward, prompts, completions, rollout, columns
+                )
+                kept = kept & ok
+            views = _trained(self.value.views(rollout), kept)
+            train = (self.steps_done + 1) % cfg.value_model.train_every == 0
+            advantages, value_metrics = self.value.step(
+                views, rollout, outcome[cfg.value_model.reward], process, kept, train
+            )
+            metrics.update(value_metrics)
+        metrics.update(self._optimize(rollout, advantages, kept))
         metrics.update(
             lr=self.scheduler.get_last_lr()[0],
             sample_s=sampled - began,
@@ -310,7 +354,9 @@ class RLTrainer:
     def _optimize(
         self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor
     ) -> dict[str, float]:
-        """``num_iterations`` optimizer steps; old and reference log-probs are taken first."""
+        """``num_iterations`` optimizer steps; old and reference log-probs are taken first.
+
+        ``advantages`` are per rollout ``[B]`` or per completion token ``[B, G]``."""
         cfg, acc = self.config, self.accelerator
         device = acc.device
         rollout = rollout.to(device)
@@ -329,6 +375,7 @@ class RLTrainer:
         counts: dict[str, int] = {}
         for it, (view, old, ref) in enumerate(zip(views, olds, refs, strict=True)):
             chunks = _micro_batches(view, cfg.micro_batch_size)
+            per_token = view.per_token(advantages) if advantages.dim() == 2 else None
             loss_sum = 0.0
             for i, rows in enumerate(chunks):
                 chunk = view.select(rows).to(device)
@@ -341,7 +388,7 @@ class RLTrainer:
                     out = policy_loss(
                         logp,
                         logp.detach() if old is None else old[rows].to(device),
-                        advantages,
+                        advantages if per_token is None else per_token[rows],
                         chunk.scored,
                         chunk.weights,
                         chunk.rollout_index,
@@ -440,10 +487,11 @@ class RLTrainer:
             rng = gather_object(rng)
         path = self.output_dir / "checkpoints"
         if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
             path = save_checkpoint(
                 self.output_dir,
                 step,
-                acc.unwrap_model(self.model),
+                model if self.value is None else _WithValue(model, self.value),
                 self.optimizer,
                 self.scheduler,
                 {"data": self.stream.state_dict()},
@@ -466,8 +514,37 @@ class RLTrainer:
             rank=self.accelerator.process_index,
         )
         self.stream.load_state_dict(state["data"])
+        if self.value is not None:
+            self.value.load_state(path)
         logger.info("resumed from %s at step %d", path, state["step"])
         return int(state["step"])
+
+    def _value_learner(self, policy: DiffusionLM, options: dict[str, Any]) -> ValueLearner:
+        """The value model (from ``value_model.init``, else a copy of the starting policy's
+        backbone), its own AdamW at ``value_model.lr``, prepared like the policy."""
+        cfg, acc = self.config, self.accelerator
+        vcfg = cfg.value_model
+        if vcfg.init is None:
+            if has_lora(policy):
+                raise ValueError(
+                    "value_model.init must name the checkpoint to start the value model from "
+                    "when the policy trains LoRA adapters (it is a full model)"
+                )
+            core = ValueModel.from_policy(policy)
+        else:
+            core = ValueModel.from_pretrained(vcfg.init, dtype="float32", device=acc.device)
+            if (core.layout, core.mask_token_id) != (policy.layout, policy.mask_token_id):
+                raise ValueError(
+                    f"value_model.init {vcfg.init}: layout {core.layout!r} and mask token "
+                    f"{core.mask_token_id} differ from the policy's ({policy.layout!r}, "
+                    f"{policy.mask_token_id})"
+                )
+        core = core.to(acc.device)
+        optimizer = build_optimizer(core, vcfg.lr, cfg.weight_decay, cfg.adam_betas)
+        prepared, optimizer = acc.prepare(core, optimizer)
+        shrink = vcfg.shrink or int(options.get("shrink", 1))
+        return ValueLearner(vcfg, prepared, core, optimizer, acc, shrink, cfg.micro_batch_size,
+                            cfg.max_grad_norm)  # fmt: skip
 
 
 def train_rl(config: RLConfig) -> Path:
@@ -502,6 +579,18 @@ class _Prepared:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._core, name)
+
+
+class _WithValue:
+    """The policy as ``save_checkpoint`` sees it: its folder also gets the value model's files,
+    so they are listed in the manifest and renamed into place atomically with the rest."""
+
+    def __init__(self, policy: DiffusionLM, value: ValueLearner) -> None:
+        self.policy, self.value = policy, value
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.policy.save_pretrained(path)
+        self.value.save_state(Path(path))
 
 
 def _micro_batches(views: ViewBatch, size: int) -> list[torch.Tensor]:

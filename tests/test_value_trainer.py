@@ -1,0 +1,127 @@
+"""The value model inside ``unmask rl``: metrics, checkpoints that resume exactly, process
+rewards, both layouts, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from unmask.objectives.value import ValueConfig, ValueModel
+from unmask.sampling import SamplerConfig
+from unmask.tasks.registry import get_task
+from unmask.train.checkpoint import CheckpointError, latest_checkpoint
+from unmask.train.rl import RLConfig, RLTrainer
+
+
+def sevens(prompts, completions, **_):
+    return [c.count("7") / max(len(c), 1) for c in completions]
+
+
+def _task():
+    solved = get_task("sudoku").reward_funcs[1]
+    return get_task("sudoku", reward_funcs=[sevens, solved], reward_weights=[1.0, 0.0])
+
+
+def _config(tmp_path, name="run", value=None, **kw):
+    base = {
+        "model": "nano-block",
+        "output_dir": str(tmp_path / name),
+        "num_prompts": 2,
+        "num_generations": 4,
+        "max_steps": 3,
+        "lr": 3e-3,
+        "sampler": SamplerConfig(gen_length=8, temperature=1.0),
+        "progress": False,
+        "value_model": ValueConfig(enabled=True, lr=1e-3, **(value or {})),
+    }
+    return RLConfig(**{**base, **kw})
+
+
+def _metrics(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_value_run_logs_saves_and_resumes_exactly(tmp_path):
+    straight = RLTrainer(_config(tmp_path, "straight", save_every=2), task=_task())
+    straight.train()
+    logged = _metrics(tmp_path / "straight")
+    for key in ("value_loss", "value_clip_ratio", "value_explained_var", "advantage_std"):
+        assert key in logged[-1], key
+    assert logged[0]["value_mean"] == 0  # zero-initialised head
+    assert logged[-1]["value_mean"] != 0  # the value model was trained
+    saved = ValueModel.from_pretrained(tmp_path / "straight" / "final_value", "float32", "cpu")
+    for (name, a), b in zip(
+        straight.value.core.state_dict().items(), saved.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+    checkpoint = latest_checkpoint(tmp_path / "straight")  # after step 2 of 3
+    assert checkpoint.name.endswith("2") and (checkpoint / "value_optimizer.pt").is_file()
+    resumed = RLTrainer(_config(tmp_path, "resumed", resume=str(checkpoint)), task=_task())
+    resumed.train()
+    for a, b in ((straight.core, resumed.core), (straight.value.core, resumed.value.core)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name
+    assert _metrics(tmp_path / "resumed")[-1]["value_loss"] == logged[-1]["value_loss"]
+
+
+def test_full_layout_agrpo_process_reward_and_train_every(tmp_path, monkeypatch):
+    module = types.ModuleType("value_test_rewards")
+
+    def per_token(prompts, completions, completion_ids, **_):
+        return [[0.1 * (tok % 3) for tok in ids] for ids in completion_ids]
+
+    module.per_token = per_token
+    monkeypatch.setitem(sys.modules, "value_test_rewards", module)
+    value = {
+        "gamma": 0.9,
+        "lam": 0.95,
+        "whiten": True,
+        "reward": "raw",
+        "token_reward": "value_test_rewards:per_token",
+        "train_every": 2,
+    }
+    cfg = _config(tmp_path, model="nano-full", objective="agrpo", max_steps=2, value=value,
+                  sampler=SamplerConfig(gen_length=8, block_length=4, temperature=1.0))  # fmt: skip
+    RLTrainer(cfg, task=_task()).train()
+    first, second = _metrics(tmp_path / "run")
+    assert "value_loss" not in first and "value_loss" in second  # trained every 2nd step
+    assert first["advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # whitened
+    assert first["advantage_std"] == pytest.approx(1.0, abs=1e-3)
+    assert first["value_return_mean"] != 0
+
+
+def test_value_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="value_model needs an objective"):
+        _config(tmp_path, objective="coupled")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        _config(tmp_path, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="cannot import"):
+        RLTrainer(_config(tmp_path, value={"token_reward": "no_such_module:f"}), task=_task())
+    plain = _config(tmp_path, "plain", max_steps=1, save_every=1, value_model=ValueConfig())
+    RLTrainer(plain, task=_task()).train()
+    with pytest.raises(CheckpointError, match="without a value model"):
+        RLTrainer(_config(tmp_path, "plain", resume="latest"), task=_task()).train()
+
+
+def test_value_advantages_raise_a_toy_reward(tmp_path):
+    cfg = _config(tmp_path, max_steps=10, num_prompts=4, lr=1e-2)
+    RLTrainer(cfg, task=_task()).train()
+    rewards = [m["reward"] for m in _metrics(tmp_path / "run")]
+    assert sum(rewards[-3:]) / 3 > 0.1 > 3 * rewards[0], rewards
+
+
+def test_recipe_loads_and_overrides_are_checked():
+    from unmask.config import ConfigError, load_config
+
+    recipe = "configs/rl_tracerl_value_sudoku_tiny.yaml"
+    cfg = load_config(RLConfig, recipe, ["value_model.lam=0.95"])
+    assert cfg.value_model.enabled and cfg.value_model.lam == 0.95
+    with pytest.raises(ConfigError, match=r"value_model\.gamma"):
+        load_config(RLConfig, recipe, ["value_model.gamma=2"])
+    with pytest.raises(ConfigError, match=r"value_model\.reward"):
+        load_config(RLConfig, recipe, ["value_model.reward=sum"])
