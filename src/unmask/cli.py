@@ -61,12 +61,21 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from unmask.eval.evaluate import EvalConfig, run_eval
+    from unmask.eval.evaluate import EvalConfig, run_eval, run_eval_sweep
 
     overrides = list(args.overrides)
     if args.model:
         overrides.append(f"model={json.dumps(args.model)}")
-    summary = run_eval(load_config(EvalConfig, args.config, overrides))
+    config = load_config(EvalConfig, args.config, overrides)
+    if config.sweep.enabled:
+        from unmask.eval.sweep import print_sweep
+
+        rows = run_eval_sweep(config)
+        print(json.dumps(rows, indent=2))
+        print_sweep(rows, f"{config.task}/{config.split}: accuracy vs NFE ({config.model})")
+        print(f"sweep table and plot in {config.output_dir}", file=sys.stderr)
+        return 0
+    summary = run_eval(config)
     low, high = summary["accuracy_ci95"]
     print(json.dumps(summary, indent=2))
     print(
@@ -195,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
     ev = commands.add_parser("eval", help="evaluate a model on a task split")
     ev.add_argument("config", nargs="?", help="YAML config (see configs/eval_sudoku_tiny.yaml)")
-    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. limit=64")
+    ev.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. limit=64 sweep.threshold=[0.5,0.9]"
+    )
     ev.add_argument("--model", help="preset name, local folder or hub name")
     ev.set_defaults(run=_eval)
     tr = commands.add_parser("trace", help="write an HTML page replaying rollouts step by step")

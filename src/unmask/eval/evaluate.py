@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from unmask.eval.sweep import EvalSweep, run_sweep
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.sampling.sampler import Sampler, SamplerConfig
 from unmask.tasks.base import Task
@@ -24,7 +25,11 @@ from unmask.tasks.base import Task
 
 @dataclass
 class EvalConfig:
-    """``unmask eval``: a model, a task split, and how to sample it."""
+    """``unmask eval``: a model, a task split, and how to sample it.
+
+    ``sweep`` (steps per block and/or thresholds) evaluates once per setting instead, into
+    ``output_dir/<setting>``, and writes the accuracy-vs-NFE table and plot there.
+    """
 
     model: str = "tiny-block"
     task: str = "sudoku"
@@ -39,6 +44,7 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sweep: EvalSweep = field(default_factory=EvalSweep)
 
     def __post_init__(self) -> None:
         if self.num_generations < 1:
@@ -49,6 +55,8 @@ class EvalConfig:
             raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
         if self.report and self.output_dir is None:
             raise ValueError("report: true needs an output_dir to write the page and plot to")
+        if self.sweep.enabled and self.output_dir is None:
+            raise ValueError("sweep needs an output_dir to write the table and plot to")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -196,6 +204,24 @@ def summarise(
 
 def run_eval(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     """Load the model and task named in ``config`` and evaluate."""
+    model, task = _load(config)
+    return _evaluate(model, task, config, config.sampler, config.output_dir, progress)
+
+
+def run_eval_sweep(config: EvalConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Evaluate once per ``config.sweep`` setting; one row per setting (:mod:`.sweep`)."""
+    if not config.sweep.enabled:
+        raise ValueError("sweep: give sweep.steps_per_block and/or sweep.threshold values")
+    assert config.output_dir is not None  # EvalConfig checks it
+    model, task = _load(config)
+
+    def one(sampler: SamplerConfig, folder: Path) -> dict[str, Any]:
+        return _evaluate(model, task, config, sampler, folder, progress)
+
+    return run_sweep(config.sweep, config.sampler, one, config.output_dir)
+
+
+def _load(config: EvalConfig) -> tuple[DiffusionLM, Task]:
     from unmask.tasks.registry import get_task
 
     torch.manual_seed(config.seed)
@@ -203,16 +229,26 @@ def run_eval(config: EvalConfig, progress: bool = True) -> dict[str, Any]:
     options = dict(config.task_options)
     if options.get("template") == "chat":
         options.setdefault("tokenizer", model.tokenizer)
-    task = get_task(config.task, **options)
+    return model, get_task(config.task, **options)
+
+
+def _evaluate(
+    model: DiffusionLM,
+    task: Task,
+    config: EvalConfig,
+    sampler: SamplerConfig,
+    output_dir: str | Path | None,
+    progress: bool,
+) -> dict[str, Any]:
     return evaluate(
         model,
         task,
-        config.sampler,
+        sampler,
         split=config.split,
         limit=config.limit,
         num_generations=config.num_generations,
         batch_size=config.batch_size,
-        output_dir=config.output_dir,
+        output_dir=output_dir,
         seed=config.seed,
         progress=progress,
         report=config.report,
