@@ -1,6 +1,8 @@
 """Data-parallel RL with 2 CPU processes (gloo), launched by ``accelerate launch`` with the
-shipped ``configs/accelerate/ddp.yaml``: every rank samples its own prompts, whole groups stay on
-one rank, gradients are averaged, and the checkpoint written once resumes on one process.
+shipped ``configs/accelerate/ddp.yaml``: a one-process checkpoint resumes on two ranks, every
+rank samples its own prompts, whole groups stay on one rank, gradients are averaged (also when
+one rank has nothing to train on), metrics merge the ranks, and the checkpoint written once
+resumes on one process.
 
 The file is also the worker: ``accelerate launch tests/test_distributed.py OUT_DIR``.
 """
@@ -16,10 +18,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PROMPTS, GENERATIONS = 2, 2, 4
+FIRST = 1  # steps taken on one process before the two-rank run resumes
+DISTRIBUTED = {
+    "max_steps": FIRST + STEPS,
+    "save_every": FIRST + STEPS,
+    "resume": "latest",
+    "loss_type": "dapo",
+    "drop_zero_std_groups": True,
+}
 
 
 def _config(output_dir: str, **changes):
@@ -42,7 +51,10 @@ def _config(output_dir: str, **changes):
 
 
 def sevens(prompts, completions, **_):
-    """Toy reward that an untrained policy already varies on: the fraction of '7's."""
+    """Toy reward that an untrained policy already varies on: the fraction of '7's. On rank 1
+    it is constant, so with ``drop_zero_std_groups`` that rank has no view to train on."""
+    if os.environ.get("RANK", "0") == "1":
+        return [0.0] * len(completions)
     return [c.count("7") / max(len(c), 1) for c in completions]
 
 
@@ -60,7 +72,7 @@ def worker(output_dir: str) -> None:
     from unmask.train.rl import RLTrainer
 
     torch.set_num_threads(1)
-    trainer = RLTrainer(_config(output_dir), task=_task())
+    trainer = RLTrainer(_config(output_dir, **DISTRIBUTED), task=_task())
     seen: list[list[str]] = []
     score = trainer.task.score
 
@@ -84,11 +96,15 @@ def _free_port() -> int:
 
 
 def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_path):
-    from unmask.models import from_preset
-    from unmask.train.checkpoint import latest_checkpoint
+    from unmask.train.checkpoint import latest_checkpoint, load_model_weights
     from unmask.train.rl import RLTrainer
 
     out = tmp_path / "ddp"
+    # One process first: its checkpoint holds one random state, the two ranks resume from it.
+    single = RLTrainer(_config(str(out), max_steps=FIRST, save_every=FIRST), task=_task())
+    single.train()
+    start = {k: v.detach().clone() for k, v in single.core.state_dict().items()}
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -98,6 +114,7 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1 starts from its seed" in done.stderr
 
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
@@ -108,26 +125,32 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
             assert len(groups) == PROMPTS and all(len(set(g)) == 1 for g in groups)
         assert not set(batches[0]) & set(batches[1]), "both ranks sampled the same prompt"
 
-    start = from_preset("nano-block").state_dict()
     changed = 0
     for name, value in ranks[0]["state"].items():
         assert torch.equal(value, ranks[1]["state"][name]), f"ranks differ at {name}"
         changed += not torch.equal(value, start[name])
     assert changed > 0, "no weight moved: the run trained nothing"
 
+    # Rank 1's groups all had one reward (all dropped); the logged fraction merges both ranks.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, FIRST + STEPS + 1))
+    assert all(r["frac_reward_zero_std"] >= 0.5 for r in records[FIRST:])
+
     # The checkpoint is written once (by the main process) and resumes on another world size.
     checkpoint = latest_checkpoint(out)
-    assert checkpoint is not None and checkpoint.name == f"step-{STEPS:08d}"
-    assert len(list((out / "checkpoints").iterdir())) == 1
-    saved = load_file(str(checkpoint / "model.safetensors"))
-    assert all(torch.equal(v, ranks[0]["state"][f"model.{k}"]) for k, v in saved.items())
+    assert checkpoint is not None and checkpoint.name == f"step-{FIRST + STEPS:08d}"
+    assert len(list((out / "checkpoints").iterdir())) == 2
+    saved = RLTrainer(_config(str(out)), task=_task()).core
+    load_model_weights(saved, checkpoint)
+    assert all(torch.equal(v, ranks[0]["state"][k]) for k, v in saved.state_dict().items())
     resumed = RLTrainer(
-        _config(str(out), max_steps=STEPS + 1, resume="latest", save_every=0), task=_task()
+        _config(str(out), max_steps=FIRST + STEPS + 1, resume="latest", save_every=0),
+        task=_task(),
     )
     resumed.train()  # one process now; the data position and rank 0's random state carry on
-    assert resumed.steps_done == STEPS
+    assert resumed.steps_done == FIRST + STEPS
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 2))
+    assert steps == list(range(1, FIRST + STEPS + 2))
 
 
 @pytest.mark.parametrize(

@@ -188,7 +188,6 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
             left = config.minutes * 60 - (time.monotonic() - began) - 1.2 * eval_s
             rl = replace(rl, max_time_s=max(left, 0.0))
         RLTrainer(rl).train()
-    _plots(out / "rl")
 
     show.stage(4, "evaluate the RL model on the same rows")
     after = _evaluate(config, p, rl_final, out / "eval_rl")
@@ -285,13 +284,6 @@ def _table_png(results: Mapping[str, Any], path: Path) -> None:
     ]
     plot_table(rows, path, title=f"{results['task']}: {results['objective']}, "
                f"{results['num_samples']} held-out samples")  # fmt: skip
-
-
-def _plots(run_dir: Path) -> None:
-    from unmask.viz.plots import plot_metrics
-
-    if (run_dir / "metrics.jsonl").exists():
-        plot_metrics(run_dir)
 
 
 # -- stages ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ partial or corrupted folder is refused with the folder and the missing or trunca
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,6 +29,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
@@ -180,9 +183,10 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG states from ``path``.
 
-    Returns the trainer state: ``{"step": ..., **extra_state}``. The folder is validated first,
-    so nothing is changed when it is incomplete. ``rng_state.pt`` is unpickled: load only
-    checkpoints you wrote.
+    A rank the checkpoint has no random state for (resuming on more processes than saved) keeps
+    its freshly seeded streams. Returns the trainer state: ``{"step": ..., **extra_state}``.
+    The folder is validated first, so nothing is changed when it is incomplete.
+    ``rng_state.pt`` is unpickled: load only checkpoints you wrote.
     """
     path = Path(path)
     manifest = validate_checkpoint(path)
@@ -194,11 +198,13 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path} has no {SCHEDULER}")
         scheduler.load_state_dict(torch.load(path / SCHEDULER, weights_only=True))
     states = torch.load(path / RNG_STATE, weights_only=False)
-    if rank >= len(states):
-        raise CheckpointError(
-            f"checkpoint {path} holds random states for {len(states)} process(es), not rank {rank}"
-        )
-    restore_rng_state(states[rank], generators)
+    if rank < len(states):
+        restore_rng_state(states[rank], generators)
+    else:  # resuming on more processes than saved: the new ranks keep their fresh seeds
+        logger.warning(
+            "checkpoint %s holds random states for %d process(es); rank %d starts from its "
+            "seed instead", path, len(states), rank,
+        )  # fmt: skip
     return json.loads((path / TRAINER_STATE).read_text())
 
 

@@ -60,6 +60,21 @@ def training_model(
     return model
 
 
+def adapt_block_size(model: DiffusionLM, block_size: int | None) -> None:
+    """Train ``model`` at ``block_size`` (the config's ``block_size``; None keeps the native one).
+
+    The trainer's rows, the sampler's default decoding block and the saved model's settings
+    all follow, so the adapted model is a block-``block_size`` model (docs/rl.md).
+    """
+    if block_size is None or block_size == model.block_size:
+        return
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1 or null, got {block_size}")
+    logger.info("block-size adaptation: %s block %d -> %d", model.layout, model.block_size,
+                block_size)  # fmt: skip
+    model.set_block_size(block_size)
+
+
 def save_final(model: DiffusionLM, path: Path) -> Path:
     """Save the trained model to ``path``; a LoRA model is first saved as it is, adapters and
     all, to ``path`` + ``_lora``, then merged (in place) into a plain native model."""
@@ -156,3 +171,14 @@ def build_task(name: str, options: dict[str, Any], tokenizer: Any) -> Any:
     if options.get("template") == "chat":
         options.setdefault("tokenizer", tokenizer)
     return get_task(name, **options)
+
+
+def write_plots(output_dir: Path) -> None:
+    """PNG plots of the run's metrics in ``OUTPUT_DIR/plots``. A plotting failure only warns:
+    the model is saved by then."""
+    from unmask.viz.plots import plot_metrics
+
+    try:
+        plot_metrics(output_dir)
+    except Exception as err:
+        logger.warning("could not plot %s: %s", output_dir / "metrics.jsonl", err)

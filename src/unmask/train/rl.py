@@ -56,6 +56,7 @@ from unmask.train.common import (
     make_accelerator,
     save_final,
     training_model,
+    write_plots,
 )
 from unmask.train.metrics import MetricsWriter
 
@@ -133,6 +134,7 @@ class RLConfig:
     log_every: int = 1
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
+    plots: bool = True  # PNGs of the metrics in OUTPUT_DIR/plots at the end
     eval: RLEval = field(default_factory=RLEval)
     value_model: ValueConfig = field(default_factory=ValueConfig)
 
@@ -271,6 +273,8 @@ class RLTrainer:
                 save_model(self.value.core, self.output_dir / "final_value")
         acc.wait_for_everyone()
         writer.close()
+        if main and cfg.plots:
+            write_plots(self.output_dir)
         return final
 
     def _out_of_time(self, began: float) -> bool:
@@ -342,7 +346,7 @@ class RLTrainer:
             step_s=time.perf_counter() - began,
             epoch=self.stream.epoch,
         )
-        return metrics
+        return _over_processes(metrics) if acc.num_processes > 1 else metrics
 
     def _rollouts(self, prompts: list[str]) -> Rollout:
         self.core.eval()
@@ -361,13 +365,12 @@ class RLTrainer:
         device = acc.device
         rollout = rollout.to(device)
         advantages, kept = advantages.to(device), kept.to(device)
-        divisors = normalizers(rollout, self.loss_type, kept)
+        divisors = normalizers(rollout, self.loss_type, kept, self._dapo_tokens(rollout, kept))
         lengths = rollout.completion_lengths
         sample_kw = self._sampling_kwargs()
-        views = [
-            _trained(self.objective.views(rollout, self.generator), kept)
-            for _ in range(cfg.num_iterations)
-        ]
+        built = [self.objective.views(rollout, self.generator) for _ in range(cfg.num_iterations)]
+        views = [_trained(v, kept) for v in built]
+        spare_needed = self._needs_spare(views)
         olds = [self._old_logprobs(v, rollout, sample_kw) for v in views]
         refs = [self._reference_logprobs(v, sample_kw) for v in views]
         self.core.train()
@@ -377,6 +380,12 @@ class RLTrainer:
             chunks = _micro_batches(view, cfg.micro_batch_size)
             per_token = view.per_token(advantages) if advantages.dim() == 2 else None
             loss_sum = 0.0
+            if spare_needed[it]:
+                # This process trains on nothing while others do: a zero-weight forward and
+                # backward joins their gradient all-reduce (DDP would wait for it forever).
+                spare = built[it].select(slice(0, 1)).to(device)
+                with acc.autocast():
+                    acc.backward(token_logprobs(self.policy, spare, 1, **sample_kw).sum() * 0.0)
             for i, rows in enumerate(chunks):
                 chunk = view.select(rows).to(device)
                 last = i == len(chunks) - 1
@@ -409,7 +418,7 @@ class RLTrainer:
             grad_norm = acc.clip_grad_norm_(
                 self.model.parameters(), cfg.max_grad_norm or float("inf")
             )
-            finite = bool(torch.isfinite(torch.tensor([loss_sum, float(grad_norm)])).all())
+            finite = self._all_finite(loss_sum, float(grad_norm))
             if finite:
                 self.optimizer.step()
                 self.bad_in_a_row = 0
@@ -430,6 +439,34 @@ class RLTrainer:
         metrics["clip_ratio"] = metrics.get("clip_ratio/region_mean", 0.0)
         metrics["num_views"] = float(sum(len(v) for v in views))
         return metrics
+
+    def _dapo_tokens(self, rollout: Rollout, kept: torch.Tensor) -> float | None:
+        """``dapo``'s token count as each process must divide by: gradients are averaged over
+        processes, so the mean count per process makes the loss a mean over all their tokens."""
+        acc = self.accelerator
+        if self.loss_type != "dapo" or acc.num_processes == 1:
+            return None
+        mask = rollout.completion_mask.bool() & kept.to(rollout.completion_mask.device)[:, None]
+        total = torch.tensor([float(mask.sum())], device=acc.device)
+        return float(acc.reduce(total, reduction="sum").item()) / acc.num_processes
+
+    def _needs_spare(self, views: list[ViewBatch]) -> list[bool]:
+        """Per inner iteration: whether this process has no view to train on while another
+        process has (DDP then waits for this one's gradients)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return [False] * len(views)
+        local = torch.tensor([float(len(v)) for v in views], device=acc.device)
+        total = acc.reduce(local.clone(), reduction="sum")
+        return [bool(n == 0 and t > 0) for n, t in zip(local, total, strict=True)]
+
+    def _all_finite(self, loss_sum: float, grad_norm: float) -> bool:
+        """Whether the update is finite on every process (they all step, or all skip)."""
+        flag = torch.tensor([float(not torch.isfinite(torch.tensor([loss_sum, grad_norm])).all())],
+                            device=self.accelerator.device)  # fmt: skip
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() == 0)
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         if not self.objective.scores_sampling_distribution:
@@ -619,6 +656,23 @@ def _fill_unscored(
     groups, ok = rewards.view(-1, num_generations), scored.view(-1, num_generations)
     means = (groups * ok).sum(1) / ok.sum(1).clamp(min=1)
     return torch.where(ok, groups, means[:, None].expand_as(groups)).reshape(-1)
+
+
+def _over_processes(metrics: dict[str, float]) -> dict[str, float]:
+    """Every process's step metrics in one: the maximum of ``max_*`` keys, the minimum of
+    ``min_*`` ones and the mean of the rest (a key only some processes have: over those)."""
+    gathered: list[dict[str, float]] = gather_object([metrics])
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in gathered for k in m):
+        values = [m[key] for m in gathered if key in m]
+        words = key.rsplit("/", 1)[-1].split("_")
+        if "max" in words:
+            out[key] = max(values)
+        elif "min" in words:
+            out[key] = min(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def _reward_metrics(scores: dict[str, list[float | None]]) -> dict[str, float]:

@@ -38,6 +38,7 @@ from unmask.sampling.sampler import SamplerConfig, _pad_id
 from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from unmask.train.common import (
     BatchStream,
+    adapt_block_size,
     build_optimizer,
     build_task,
     checkpoint_to_resume,
@@ -45,6 +46,7 @@ from unmask.train.common import (
     make_accelerator,
     save_final,
     training_model,
+    write_plots,
 )
 from unmask.train.metrics import MetricsWriter
 
@@ -88,7 +90,8 @@ class SFTConfig:
     checkpoint folder. ``mixed_precision: auto`` is bf16 on CUDA and fp32 on CPU (where bf16
     autocast is slower for tiny models). ``lora`` trains LoRA adapters on a frozen base (see
     ``unmask.models.lora``); the final model is merged. ``gradient_checkpointing`` trades
-    compute for activation memory.
+    compute for activation memory. ``block_size`` trains at another block size than the
+    model's own (block-size adaptation, docs/sft.md); the saved model keeps the new one.
     """
 
     model: str = "micro-block"
@@ -96,6 +99,7 @@ class SFTConfig:
     resume: str | None = None
     seed: int = 0
     data: SFTData = field(default_factory=SFTData)
+    block_size: int | None = None
     objective: Literal["auto", "random_mask", "block"] = "auto"
     elbo_weight: bool = True
     t_min: float = 1e-3
@@ -117,12 +121,15 @@ class SFTConfig:
     log_every: int = 10
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
+    plots: bool = True  # PNGs of the metrics in OUTPUT_DIR/plots at the end
     eval: SFTEval = field(default_factory=SFTEval)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1 or null, got {self.block_size}")
         for name in ("warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -169,6 +176,7 @@ class SFTTrainer:
         self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
+        adapt_block_size(model, cfg.block_size)
         self.core = model.to(acc.device).train()
         self.objective = resolve_objective(cfg.objective, model.layout)
         if task is None and (pairs is None or cfg.eval.every):
@@ -215,6 +223,7 @@ class SFTTrainer:
                 metrics.update(
                     lr=self._last_lr,
                     epoch=self.stream.epoch,
+                    block_size=self.core.block_size,
                     elapsed_s=time.perf_counter() - began,
                 )
                 writer.log(step, metrics)
@@ -232,6 +241,8 @@ class SFTTrainer:
             save_final(acc.unwrap_model(self.model), final)
         acc.wait_for_everyone()
         writer.close()
+        if main and cfg.plots:
+            write_plots(self.output_dir)
         return final
 
     def _step(self) -> dict[str, float]:
