@@ -116,3 +116,27 @@ def test_cli_runs_a_task_and_reports_errors(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["sft", str(config), "objective=random_mask"]) == 2
     assert "does not fit a 'block' model" in capsys.readouterr().err
+
+
+def test_block_size_adaptation_trains_and_saves_the_new_block(tmp_path, monkeypatch):
+    import unmask.train.sft as sft
+    from unmask.sampling import Sampler, SamplerConfig
+
+    seen = []
+    real = sft.collate
+
+    def spy(pairs, pad_id, block_size, *args, **kw):
+        seen.append(block_size)
+        return real(pairs, pad_id, block_size, *args, **kw)
+
+    monkeypatch.setattr(sft, "collate", spy)
+    config = _config(tmp_path, "adapt", "nano-block", block_size=8, max_steps=2, save_every=0)
+    final = SFTTrainer(config, pairs=_pairs()).train()
+    assert set(seen) == {8}  # every training row is laid out in blocks of 8
+    assert [r["block_size"] for r in read_metrics(tmp_path / "adapt")] == [8, 8]
+    model = DiffusionLM.from_pretrained(final)
+    assert (model.layout, model.block_size) == ("block", 8)  # the new native block
+    rollout = Sampler(SamplerConfig(gen_length=8)).generate(model, ["12"])
+    assert rollout.block_length == 8
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        _config(tmp_path, "bad", "nano-block", block_size=0)

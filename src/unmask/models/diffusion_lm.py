@@ -128,6 +128,13 @@ class DiffusionLM(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def set_block_size(self, block_size: int) -> None:
+        """Use ``block_size`` from now on (block-size adaptation: TraceRL moved TraDo from
+        block 4 to larger blocks for more parallel decoding). Training and default sampling
+        then use it, and a saved model records it as its native block size."""
+        self.settings = dataclasses.replace(self.settings, block_size=int(block_size))
+        self.model.config.diffusion = dataclasses.asdict(self.settings)
+
     # -- the forward -------------------------------------------------------------------------
     def forward(
         self,
