@@ -136,7 +136,9 @@ def plan(config: QuickstartConfig) -> Plan:
         "sampler": {"gen_length": recipe.gen_length, "temperature": 1.0},
         **recipe.rl,
     }, config.rl)  # fmt: skip
-    key = json.dumps(to_dict(replace(sft, output_dir="", progress=True)), sort_keys=True)
+    # The cache key is what shapes the model, not where or how the run reports.
+    shown = replace(sft, output_dir="", progress=True, plots=True, report_to=[])
+    key = json.dumps(to_dict(shown), sort_keys=True)
     cache = Path(config.cache_dir) if config.cache_dir else _default_cache()
     sft_cache = cache / f"sft-{config.task}-{sha256(key.encode()).hexdigest()[:12]}"
     return Plan(
