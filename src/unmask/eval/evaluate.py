@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from unmask.eval.sweep import EvalSweep, run_sweep
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.rewards.process import trace_columns
 from unmask.sampling.sampler import Sampler, SamplerConfig
-from unmask.tasks.base import Task
+from unmask.tasks.base import Task, reward_total
 
 
 @dataclass
@@ -122,7 +123,7 @@ def evaluate(
         rollout = sampler.generate(model, prompts, seed=seed + batch_index)
         nfe += rollout.nfe
         completions = rollout.completion_texts(tokenizer)
-        scores = task.score(prompts, completions, batch_columns)
+        scores = task.score(prompts, completions, {**batch_columns, **trace_columns(rollout)})
         totals = task.weighted_sum(scores)
         if batch_index == 0:
             first_batch = (rollout, scores, totals)
@@ -190,7 +191,7 @@ def summarise(
     }
     for fn in task.reward_funcs:
         values = [r["rewards"][fn.__name__] for r in records]
-        scored = [v for v in values if v is not None]
+        scored = [reward_total(v) for v in values if v is not None]
         summary[f"reward/{fn.__name__}/mean"] = sum(scored) / len(scored) if scored else None
     if num_generations > 1:
         summary[f"pass@{num_generations}"] = sum(

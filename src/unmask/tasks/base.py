@@ -3,8 +3,9 @@
 Every task yields rows with a ``prompt`` (the template applied), a ``target`` (a reference
 completion for SFT) and the raw columns its reward functions read. Reward functions have TRL's
 signature ``f(prompts, completions, **columns) -> list[float | None]`` so they plug into TRL or
-our own trainer unchanged; :meth:`Task.score` runs them so that a failing one costs a batch of
-``None``, never the training run.
+our own trainer unchanged; a value may also be a per-token vector (a process reward,
+:mod:`unmask.rewards.process`). :meth:`Task.score` runs them so that a failing one costs a
+batch of ``None``, never the training run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ TEMPLATES = ("plain", "chat")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 GENERATED = "generated"
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+
+
+def is_vector(value: Any) -> bool:
+    """A per-token (process) reward: a list, tuple or 1-D array rather than one number."""
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
+
+
+def reward_total(value: Any) -> float | None:
+    """One number for a reward value: a per-token vector counts as the sum of its entries
+    (see :mod:`unmask.rewards.process`)."""
+    if value is None:
+        return None
+    return float(sum(float(v) for v in value)) if is_vector(value) else float(value)
 
 
 def answer_block(answer: str, reasoning: str | None = None) -> str:
@@ -278,12 +292,14 @@ class Task:
 
     def weighted_sum(self, scores: Mapping[str, list[float | None]]) -> list[float | None]:
         """Per completion, the weighted sum of the rewards that are not None (TRL's nansum);
-        None where every reward is None."""
+        None where every reward is None. A per-token reward counts as its sum."""
         totals: list[float | None] = []
         columns = [scores[name] for name in self.reward_names]
         for values in zip(*columns, strict=True):
             present = [
-                w * v for w, v in zip(self.reward_weights, values, strict=True) if v is not None
+                w * reward_total(v)  # type: ignore[operator]
+                for w, v in zip(self.reward_weights, values, strict=True)
+                if v is not None
             ]
             totals.append(sum(present) if present else None)
         return totals

@@ -44,11 +44,14 @@ from unmask.objectives.value import (
     load_token_reward,
     token_reward_vectors,
 )
+from unmask.rewards.process import check_vectors, split_rewards, trace_columns
 from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
+from unmask.tasks.base import reward_total
 from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
 from unmask.train.common import (
     BatchStream,
+    adapt_block_size,
     build_optimizer,
     build_task,
     checkpoint_to_resume,
@@ -58,6 +61,7 @@ from unmask.train.common import (
     training_model,
     write_plots,
 )
+from unmask.train.curriculum import CurriculumStage, check_curriculum, difficulty_rows, stage_at
 from unmask.train.metrics import MetricsWriter
 
 logger = logging.getLogger(__name__)
@@ -67,11 +71,15 @@ VALUE_OBJECTIVES = ("tracerl", "agrpo")  # they score each token in the state it
 
 @dataclass
 class RLData:
-    """Prompts and rewards: a task from ``unmask.tasks`` and its options."""
+    """Prompts and rewards: a task from ``unmask.tasks`` and its options.
+
+    ``difficulty_field``: the numeric column a ``curriculum`` stage's ``difficulty`` range
+    filters on (only read when a stage has one)."""
 
     task: str = "sudoku"
     options: dict[str, Any] = field(default_factory=dict)
     split: str = "train"
+    difficulty_field: str = "difficulty"
 
 
 @dataclass
@@ -96,6 +104,10 @@ class RLConfig:
     ``drop_zero_std_groups`` trains only on groups whose rewards differ.
     ``value_model`` (TraceRL's diffusion value model, docs/value.md) replaces the group
     advantage by a token advantage from a learned value (objectives scored on the trace only).
+    ``block_size`` trains (and samples) at another block size than the model's own; for a
+    block model ``sampler.block_length`` does the same (they must agree), and the saved model
+    records the new block (docs/rl.md). ``curriculum`` schedules ``gen_length`` and the
+    prompts' difficulty over the steps (:mod:`unmask.train.curriculum`).
     """
 
     model: str = "micro-block"
@@ -103,6 +115,8 @@ class RLConfig:
     resume: str | None = None
     seed: int = 0
     data: RLData = field(default_factory=RLData)
+    block_size: int | None = None
+    curriculum: list[CurriculumStage] = field(default_factory=list)
     objective: str = "tracerl"
     objective_options: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 100
@@ -163,6 +177,9 @@ class RLConfig:
             )
         if self.beta < 0 or self.epsilon <= 0:
             raise ValueError("beta must be >= 0 and epsilon > 0")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1 or null, got {self.block_size}")
+        check_curriculum(self.curriculum)
         if self.value_model.enabled:
             if self.objective not in VALUE_OBJECTIVES:
                 raise ValueError(
@@ -187,6 +204,7 @@ class RLTrainer:
         self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
+        adapt_block_size(model, _training_block(cfg, model))
         if model.tokenizer is None:
             raise ValueError("RL needs the model's tokenizer to decode completions for rewards")
         self.core = model.to(acc.device)
@@ -198,6 +216,7 @@ class RLTrainer:
         )
         self.prompts = self.task.dataset(cfg.data.split)
         self.stream = BatchStream(len(self.prompts), cfg.seed)
+        self.stage_rows = self._curriculum_rows(cfg.sampler.block_length or model.block_size)
         options = dict(cfg.objective_options)
         if "two_stream" in _option_names(cfg.objective):
             # Block models score every block's step in one packed [clean | noisy] row.
@@ -289,7 +308,11 @@ class RLTrainer:
         """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""
         cfg, acc = self.config, self.accelerator
         began = time.perf_counter()
-        rows = self.stream.take(cfg.num_prompts * acc.num_processes)
+        stage = stage_at(cfg.curriculum, self.steps_done + 1)
+        gen_length = cfg.sampler.gen_length
+        if stage >= 0:
+            gen_length = cfg.curriculum[stage].gen_length or gen_length
+        rows = self._take(cfg.num_prompts * acc.num_processes, stage)
         mine = rows[acc.process_index :: acc.num_processes]
         batch = self.prompts.select(mine)
         prompts = [p for p in batch["prompt"] for _ in range(cfg.num_generations)]
@@ -298,11 +321,18 @@ class RLTrainer:
             for c in batch.column_names
             if c != "prompt"
         }
-        rollout = self._rollouts(prompts)
+        rollout = self._rollouts(prompts, gen_length)
         sampled = time.perf_counter()
         completions = rollout.completion_texts(self.tokenizer)
-        scores = self.task.score(prompts, completions, columns)
-        totals = self.task.weighted_sum(scores)
+        trace = trace_columns(rollout)
+        scores = self.task.score(prompts, completions, {**columns, **trace})
+        scores = check_vectors(scores, [len(ids) for ids in trace["completion_ids"]])
+        process = None  # per-token rewards: the value model's r_j; elsewhere counted as sums
+        if self.value is not None:
+            names, weights = self.task.reward_names, self.task.reward_weights
+            totals, process = split_rewards(scores, names, weights, rollout.completion_mask)
+        else:
+            totals = self.task.weighted_sum(scores)
         # A sample any reward could not score (None, or the function raised) is left out.
         scored = torch.tensor([all(v[i] is not None for v in scores.values()) for i in
                                range(len(prompts))])  # fmt: skip
@@ -324,14 +354,17 @@ class RLTrainer:
         metrics.update(_reward_metrics(scores))
         metrics["reward_unscored"] = float((~scored).sum())
         metrics.update(_rollout_metrics(rollout))
+        metrics["gen_length"] = float(gen_length)
+        if stage >= 0:
+            metrics["curriculum_stage"] = float(stage)
         advantages = adv.advantages
         if self.value is not None:
             outcome = {"group": adv.advantages, "raw": rewards, "none": None}
-            process = None
             if self.token_reward is not None:
-                process, ok = token_reward_vectors(
+                extra, ok = token_reward_vectors(
                     self.token_reward, prompts, completions, rollout, columns
                 )
+                process = extra if process is None else process + extra
                 kept = kept & ok
             views = _trained(self.value.views(rollout), kept)
             train = (self.steps_done + 1) % cfg.value_model.train_every == 0
@@ -348,12 +381,45 @@ class RLTrainer:
         )
         return _over_processes(metrics) if acc.num_processes > 1 else metrics
 
-    def _rollouts(self, prompts: list[str]) -> Rollout:
+    def _rollouts(self, prompts: list[str], gen_length: int) -> Rollout:
         self.core.eval()
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        sampler = self.sampler
+        if gen_length != sampler.config.gen_length:  # a curriculum stage's length
+            sampler = Sampler(replace(sampler.config, gen_length=gen_length))
         with self.accelerator.autocast():
-            rollout = self.sampler.generate(self.core, prompts, seed=seed)
+            rollout = sampler.generate(self.core, prompts, seed=seed)
         return rollout
+
+    def _take(self, count: int, stage: int) -> list[int]:
+        """The next ``count`` rows of the data order; a curriculum stage with a difficulty
+        range skips the rows outside it (deterministic, and resumed with the data position)."""
+        allowed = self.stage_rows[stage] if stage >= 0 else None
+        if allowed is None:
+            return self.stream.take(count)
+        rows: list[int] = []
+        while len(rows) < count:
+            rows.extend(i for i in self.stream.take(1) if i in allowed)
+        return rows
+
+    def _curriculum_rows(self, block: int) -> list[set[int] | None]:
+        """Check the curriculum against the model and data; each stage's allowed rows."""
+        cfg = self.config
+        for i, stage in enumerate(cfg.curriculum):
+            if stage.gen_length is not None and stage.gen_length % block:
+                raise ValueError(
+                    f"curriculum[{i}].gen_length ({stage.gen_length}) must be a multiple of "
+                    f"the block length ({block})"
+                )
+        if not any(stage.difficulty is not None for stage in cfg.curriculum):
+            return [None] * len(cfg.curriculum)
+        column = cfg.data.difficulty_field
+        if column not in self.prompts.column_names:
+            raise ValueError(
+                f"curriculum filters on difficulty but data.difficulty_field {column!r} is not "
+                f"a column of the data (columns: {', '.join(self.prompts.column_names)})"
+            )
+        return difficulty_rows(self.prompts[column], cfg.curriculum, column)
 
     def _optimize(
         self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor
@@ -576,6 +642,7 @@ class RLTrainer:
                     f"{core.mask_token_id} differ from the policy's ({policy.layout!r}, "
                     f"{policy.mask_token_id})"
                 )
+        core.set_block_size(policy.block_size)  # an adapted policy's value model follows it
         core = core.to(acc.device)
         optimizer = build_optimizer(core, vcfg.lr, cfg.weight_decay, cfg.adam_betas)
         prepared, optimizer = acc.prepare(core, optimizer)
@@ -587,6 +654,21 @@ class RLTrainer:
 def train_rl(config: RLConfig) -> Path:
     """Run RL as configured; returns the folder of the final model (``OUTPUT_DIR/final``)."""
     return RLTrainer(config).train()
+
+
+def _training_block(config: RLConfig, model: DiffusionLM) -> int | None:
+    """The block size to train at: ``block_size``; for a block model also
+    ``sampler.block_length``, since its rollouts' attention block is the one the replay uses
+    (so the saved model must say so)."""
+    sampled = config.sampler.block_length
+    if model.layout != "block" or sampled is None:
+        return config.block_size
+    if config.block_size is not None and config.block_size != sampled:
+        raise ValueError(
+            f"sampler.block_length ({sampled}) and block_size ({config.block_size}) differ: a "
+            "block model samples and trains at one block size"
+        )
+    return sampled
 
 
 def _option_names(objective: str) -> set[str]:
@@ -678,8 +760,8 @@ def _over_processes(metrics: dict[str, float]) -> dict[str, float]:
 def _reward_metrics(scores: dict[str, list[float | None]]) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name, values in scores.items():
-        present = torch.tensor([v for v in values if v is not None], dtype=torch.float32)
-        if len(present):
+        present = torch.tensor([reward_total(v) for v in values if v is not None])
+        if len(present):  # a per-token reward counts as its sum
             metrics[f"reward/{name}/mean"] = float(present.mean())
             metrics[f"reward/{name}/std"] = float(present.std()) if len(present) > 1 else 0.0
     return metrics
@@ -693,4 +775,5 @@ def _rollout_metrics(rollout: Rollout) -> dict[str, float]:
         "completions/max_length": float(lengths.max()),
         "nfe": float(rollout.num_steps.float().mean()),
         "tokens_per_step": float(rollout.tokens_per_step().mean()),
+        "block_size": float(rollout.block_length),
     }
