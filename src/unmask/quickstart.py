@@ -55,7 +55,7 @@ RECIPES: dict[str, Recipe] = {
         task_options={"blanks": 6, "num_test": 512},
         gen_length=20,  # 16 digits + EOS, rounded up to the block size
         sft={"max_steps": 300, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50},
-        rl={"max_steps": 250, **_RL},
+        rl={"max_steps": 600, **_RL},
     ),
     "countdown": Recipe(
         model="micro-block",
