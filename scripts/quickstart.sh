@@ -5,6 +5,6 @@
 # Running it again after an interruption resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+UNMASK_NO_BROWSER=1 bash scripts/setup.sh  # the browser is only for a test
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 exec .venv/bin/unmask quickstart "$@"
