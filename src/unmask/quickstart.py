@@ -61,7 +61,7 @@ RECIPES: dict[str, Recipe] = {
         model="micro-block",
         task_options={"num_test": 512},
         gen_length=16,  # the longest 3-number equation is 13 characters + EOS
-        sft={"max_steps": 600, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50},
+        sft={"max_steps": 3000, "batch_size": 64, "lr": 3e-3, "warmup_steps": 50},
         rl={"max_steps": 250, **_RL},
     ),
 }
