@@ -172,6 +172,37 @@ def test_family_recipes_are_valid_configs(recipe):
     assert str(config.model).startswith(("runs/", "GSAI-ML/", "Dream-org/", "Gen-Verse/"))
 
 
+@pytest.mark.parametrize(
+    ("kind", "stage", "trainer", "accumulates", "refused"),
+    [
+        ("MULTI_GPU", 0, "rl", True, None),
+        ("FSDP", 0, "sft", False, "FSDP shards the weights"),
+        ("DEEPSPEED", 3, "sft", False, "ZeRO-3 shards the weights"),
+        ("DEEPSPEED", 2, "sft", False, None),
+        ("DEEPSPEED", 2, "sft", True, "grad_accum: 1"),
+        ("DEEPSPEED", 2, "rl", True, "every micro-batch would take an optimizer step"),
+    ],
+)
+def test_sharded_setups_a_trainer_would_run_wrongly_are_refused(
+    kind, stage, trainer, accumulates, refused
+):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from unmask.train.common import check_distribution
+
+    acc = SimpleNamespace(
+        distributed_type=DistributedType[kind],
+        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
+    )
+    if refused is None:
+        check_distribution(acc, trainer, accumulates)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_distribution(acc, trainer, accumulates)
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_accelerate_configs_parse(name):
     from accelerate.commands.config.config_args import load_config_from_file

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
 from unmask.models.diffusion_lm import DiffusionLM
@@ -18,12 +19,43 @@ from unmask.train.checkpoint import latest_checkpoint, save_model
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str, cpu: bool, trainer: str, accumulates: bool
+) -> Accelerator:
     """``mixed_precision: auto`` is bf16 on CUDA and fp32 on CPU (bf16 autocast does not pay
-    off for tiny models there)."""
+    off for tiny models there). ``accumulates``: the trainer sums several micro-batches into
+    one optimizer step (see :func:`check_distribution`)."""
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and not cpu else "no"
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    acc = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    check_distribution(acc, trainer, accumulates)
+    return acc
+
+
+def check_distribution(acc: Any, trainer: str, accumulates: bool) -> None:
+    """Refuse the sharded set-ups a trainer would run wrongly (docs/scale.md), before any work.
+
+    FSDP and ZeRO-3 shard the weights, while rollouts, evaluation and checkpoints use one
+    rank's module. Under DeepSpeed, accelerate steps the engine after every backward, so
+    micro-batches accumulated into one optimizer step would each take a step.
+    """
+    kind = acc.distributed_type
+    stage = 0
+    if kind == DistributedType.DEEPSPEED:
+        stage = int(getattr(acc.state.deepspeed_plugin, "zero_stage", 0) or 0)
+    if kind == DistributedType.FSDP or stage == 3:
+        raise ValueError(
+            f"{trainer}: {'FSDP' if stage != 3 else 'DeepSpeed ZeRO-3'} shards the weights, which "
+            "this trainer does not handle yet; launch with configs/accelerate/ddp.yaml (with "
+            "lora: for large models) or ZeRO-2 for SFT (docs/scale.md)"
+        )
+    if kind == DistributedType.DEEPSPEED and accumulates:
+        raise ValueError(
+            f"{trainer}: under DeepSpeed every micro-batch would take an optimizer step; use "
+            "configs/accelerate/ddp.yaml"
+            + (", or grad_accum: 1" if trainer == "sft" else "")
+            + " (docs/scale.md)"
+        )
 
 
 def training_model(

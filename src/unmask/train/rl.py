@@ -201,7 +201,7 @@ class RLTrainer:
 
     def __init__(self, config: RLConfig, model: DiffusionLM | None = None, task: Any = None):
         self.config = cfg = config
-        self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
+        self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu, "rl", True)
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         adapt_block_size(model, _training_block(cfg, model))

@@ -173,7 +173,9 @@ class SFTTrainer:
         task: Any = None,
     ) -> None:
         self.config = cfg = config
-        self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu)
+        self.accelerator = acc = make_accelerator(
+            cfg.mixed_precision, cfg.cpu, "sft", cfg.grad_accum > 1
+        )
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         adapt_block_size(model, cfg.block_size)
