@@ -106,3 +106,26 @@ def test_split_rewards_keeps_vectors_per_token():
     assert outcome == [0.5, None]
     assert process.tolist() == [[2.0, 4.0, 0.0], [0.0, 0.0, 0.0]]
     assert split_rewards({"s": [1.0, 2.0]}, ["s"], [1.0], mask) == ([1.0, 2.0], None)
+
+
+def test_reward_none_takes_the_task_vectors_alone_and_fails_clearly_without_them(tmp_path):
+    value = ValueConfig(enabled=True, lr=1e-3, gamma=1.0, lam=1.0, reward="none")
+    trainer, seen = _trainer(tmp_path, value_model=value)
+    trainer.step()  # zero value head, no outcome: A_j = r_j + the later steps' mean rewards
+    rollout, advantages = seen["rollout"], seen["advantages"]
+    vectors, _ = _vectors(rollout, trainer.tokenizer)
+    mask = rollout.completion_mask.bool()
+    for b in range(rollout.batch_size):
+        steps = rollout.steps[b][mask[b]]
+        r = 2 * torch.tensor(vectors[b])
+        step_reward = {int(s): float(r[steps == s].mean()) for s in steps.unique()}
+        expected = torch.tensor([float(r[j]) + sum(v for s, v in step_reward.items() if s > t)
+                                 for j, t in enumerate(steps.tolist())])  # fmt: skip
+        torch.testing.assert_close(advantages[b][mask[b]], expected, atol=1e-5, rtol=0)
+
+    plain = RLConfig(model="nano-block", output_dir=str(tmp_path / "plain"), num_prompts=2,
+                     num_generations=4, max_steps=1, progress=False, plots=False,
+                     sampler=SamplerConfig(gen_length=8, temperature=1.0),
+                     value_model=value)  # fmt: skip
+    with pytest.raises(ValueError, match=r"value_model\.reward: none leaves the value model"):
+        RLTrainer(plain, task=get_task("sudoku")).step()

@@ -192,7 +192,6 @@ def test_token_reward_vectors(block_model, caplog):
         ({"lam": -0.1}, "lam"),
         ({"train_every": 0}, "train_every"),
         ({"epsilon": 0.0}, "epsilon"),
-        ({"reward": "none"}, "token_reward"),
         ({"token_reward": "no_colon"}, "token_reward"),
         ({"reward": "sum"}, "reward"),
     ],

@@ -366,6 +366,12 @@ class RLTrainer:
                 )
                 process = extra if process is None else process + extra
                 kept = kept & ok
+            if cfg.value_model.reward == "none" and process is None:
+                raise ValueError(
+                    "value_model.reward: none leaves the value model without rewards: set "
+                    "value_model.token_reward or give the task a reward function that returns "
+                    "one number per completion token (docs/value.md)"
+                )
             views = _trained(self.value.views(rollout), kept)
             train = (self.steps_done + 1) % cfg.value_model.train_every == 0
             advantages, value_metrics = self.value.step(

@@ -84,8 +84,6 @@ class ValueConfig:
             raise ValueError(f"value_model.epsilon must be > 0 or null, got {self.epsilon}")
         if self.reward not in OUTCOMES:
             raise ValueError(f"value_model.reward must be one of {OUTCOMES}, got {self.reward!r}")
-        if self.reward == "none" and self.token_reward is None:
-            raise ValueError("value_model.reward: none needs a value_model.token_reward")
         if self.token_reward is not None and ":" not in self.token_reward:
             raise ValueError(
                 f"value_model.token_reward must look like 'module:function', "
