@@ -3,11 +3,11 @@ it."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pytest
 
+from tiny_rl import read_metrics, rl_config
 from unmask.sampling import SamplerConfig
 from unmask.tasks.sudoku import SudokuTask
 from unmask.train.checkpoint import latest_checkpoint
@@ -18,23 +18,9 @@ LENGTHS = [CurriculumStage(until_step=2, gen_length=4), CurriculumStage(gen_leng
 
 
 def _config(tmp_path, name="run", **kw):
-    base = {
-        "model": "nano-block",
-        "output_dir": str(tmp_path / name),
-        "num_prompts": 2,
-        "num_generations": 2,
-        "max_steps": 4,
-        "lr": 3e-3,
-        "sampler": SamplerConfig(gen_length=12, temperature=1.0),
-        "progress": False,
-        "plots": False,
-        "curriculum": LENGTHS,
-    }
-    return RLConfig(**{**base, **kw})
-
-
-def _metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    base = {"num_generations": 2, "sampler": SamplerConfig(gen_length=12, temperature=1.0),
+            "plots": False, "curriculum": LENGTHS}  # fmt: skip
+    return rl_config(tmp_path, name, **{**base, **kw})
 
 
 def test_stage_at_follows_until_step():
@@ -71,7 +57,7 @@ def test_difficulty_rows():
 
 def test_rl_follows_the_lengths_and_resumes_mid_schedule(tmp_path):
     RLTrainer(_config(tmp_path, "straight")).train()
-    straight = _metrics(tmp_path / "straight")
+    straight = read_metrics(tmp_path / "straight")
     assert [m["gen_length"] for m in straight] == [4, 4, 8, 8]
     assert [m["curriculum_stage"] for m in straight] == [0, 0, 1, 1]
     assert all(m["completions/max_length"] <= m["gen_length"] for m in straight)
@@ -88,7 +74,7 @@ def test_rl_follows_the_lengths_and_resumes_mid_schedule(tmp_path):
         first.train()
     assert latest_checkpoint(tmp_path / "resumed").name.endswith("2")
     RLTrainer(_config(tmp_path, "resumed", resume="latest")).train()
-    resumed = _metrics(tmp_path / "resumed")
+    resumed = read_metrics(tmp_path / "resumed")
     assert [m["gen_length"] for m in resumed] == [4, 4, 8, 8]
     assert [m["reward"] for m in resumed] == [m["reward"] for m in straight]
 
@@ -118,7 +104,7 @@ def test_difficulty_stages_draw_only_their_rows(tmp_path):
     trainer.train()
     assert len(seen) == 4 and seen[:2] == [{0}, {0}]
     assert all(s and s <= {1, 2} for s in seen[2:])
-    assert [m["gen_length"] for m in _metrics(tmp_path / "run")] == [12] * 4  # no length set
+    assert [m["gen_length"] for m in read_metrics(tmp_path / "run")] == [12] * 4  # no length set
 
 
 def test_curriculum_errors_name_the_field(tmp_path):

@@ -2,59 +2,29 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
+from tiny_rl import read_metrics, rl_config, sevens_task
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
 from unmask.train.checkpoint import latest_checkpoint
-from unmask.train.rl import RLConfig, RLTrainer
-
-
-def sevens(prompts, completions, **_):
-    """Toy reward: the fraction of '7' characters (an untrained policy gets about 1%)."""
-    return [c.count("7") / max(len(c), 1) for c in completions]
-
-
-def _task(*extra):
-    solved = get_task("sudoku").reward_funcs[1]  # the accuracy reward, weight 0
-    funcs = [sevens, *extra, solved]
-    return get_task("sudoku", reward_funcs=funcs, reward_weights=[1.0] * (len(funcs) - 1) + [0.0])
-
-
-def _config(tmp_path, name="run", **kw):
-    base = {
-        "model": "nano-block",
-        "output_dir": str(tmp_path / name),
-        "num_prompts": 2,
-        "num_generations": 4,
-        "max_steps": 4,
-        "lr": 3e-3,
-        "sampler": SamplerConfig(gen_length=8, temperature=1.0),
-        "progress": False,
-    }
-    return RLConfig(**{**base, **kw})
-
-
-def _metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+from unmask.train.rl import RLTrainer
 
 
 def test_tracerl_raises_a_toy_reward(tmp_path):
-    cfg = _config(tmp_path, max_steps=10, num_prompts=4, lr=1e-2)
-    RLTrainer(cfg, task=_task()).train()
-    rewards = [m["reward"] for m in _metrics(tmp_path / "run")]
+    cfg = rl_config(tmp_path, max_steps=10, num_prompts=4, lr=1e-2)
+    RLTrainer(cfg, task=sevens_task()).train()
+    rewards = [m["reward"] for m in read_metrics(tmp_path / "run")]
     assert sum(rewards[-3:]) / 3 > 0.1 > 3 * rewards[0], rewards
 
 
 @pytest.mark.parametrize("objective", ["agrpo", "coupled", "elbo"])
 def test_objectives_run_in_the_loop(tmp_path, objective):
-    cfg = _config(tmp_path, objective=objective, max_steps=2, num_iterations=2, beta=0.05)
-    final = RLTrainer(cfg, task=_task()).train()
+    cfg = rl_config(tmp_path, objective=objective, max_steps=2, num_iterations=2, beta=0.05)
+    final = RLTrainer(cfg, task=sevens_task()).train()
     assert (final / "model.safetensors").exists()
-    last = _metrics(tmp_path / "run")[-1]
+    last = read_metrics(tmp_path / "run")[-1]
     for key in (
         "reward",
         "reward_std",
@@ -72,9 +42,9 @@ def test_objectives_run_in_the_loop(tmp_path, objective):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = RLTrainer(_config(tmp_path, "straight", max_steps=4), task=_task())
+    straight = RLTrainer(rl_config(tmp_path, "straight", max_steps=4), task=sevens_task())
     straight.train()
-    first = RLTrainer(_config(tmp_path, "resumed", max_steps=4, save_every=2), task=_task())
+    first = RLTrainer(rl_config(tmp_path, "resumed", max_steps=4, save_every=2), task=sevens_task())
     step = first.step
 
     def interrupted():  # killed while sampling step 3, after step 2's checkpoint
@@ -86,15 +56,15 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert latest_checkpoint(tmp_path / "resumed").name.endswith("2")
-    cfg = _config(tmp_path, "resumed", max_steps=4, resume="latest")
-    resumed = RLTrainer(cfg, task=_task())
+    cfg = rl_config(tmp_path, "resumed", max_steps=4, resume="latest")
+    resumed = RLTrainer(cfg, task=sevens_task())
     resumed.train()
     for (name, a), b in zip(
         straight.core.state_dict().items(), resumed.core.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert [m["reward"] for m in _metrics(tmp_path / "straight")] == [
-        m["reward"] for m in _metrics(tmp_path / "resumed")
+    assert [m["reward"] for m in read_metrics(tmp_path / "straight")] == [
+        m["reward"] for m in read_metrics(tmp_path / "resumed")
     ]
 
 
@@ -114,12 +84,12 @@ def test_unscorable_rewards_are_left_out(tmp_path, caplog):
         reward_funcs=[only_some, flaky, broken, solved],
         reward_weights=[1.0, 1.0, 1.0, 0.0],
     )
-    trainer = RLTrainer(_config(tmp_path, max_steps=2), task=task)
+    trainer = RLTrainer(rl_config(tmp_path, max_steps=2), task=task)
     before = {k: v.clone() for k, v in trainer.core.state_dict().items()}
     trainer.train()
     for name, value in trainer.core.state_dict().items():  # nothing was trained on
         assert torch.equal(value, before[name]), name
-    last = _metrics(tmp_path / "run")[-1]
+    last = read_metrics(tmp_path / "run")[-1]
     assert last["reward_unscored"] == 8  # `broken` raised: no sample is fully scored
     assert "could not be scored" in caplog.text and "broken" in caplog.text
 
@@ -134,7 +104,9 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
         out.loss = out.loss * float("nan")
         return out
 
-    trainer = RLTrainer(_config(tmp_path, max_steps=6, save_every=1, max_bad_steps=2), task=_task())
+    trainer = RLTrainer(
+        rl_config(tmp_path, max_steps=6, save_every=1, max_bad_steps=2), task=sevens_task()
+    )
     before = {k: v.clone() for k, v in trainer.core.state_dict().items()}
     monkeypatch.setattr(rl, "policy_loss", poisoned)
     with pytest.raises(RuntimeError, match="non-finite"):
@@ -142,16 +114,16 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
     for name, value in trainer.core.state_dict().items():  # no NaN reached the weights
         assert torch.equal(value, before[name]), name
     assert latest_checkpoint(tmp_path / "run") is not None
-    assert _metrics(tmp_path / "run")[-1]["skipped_updates"] == 1
+    assert read_metrics(tmp_path / "run")[-1]["skipped_updates"] == 1
 
 
 def test_bad_config_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="num_generations"):
-        _config(tmp_path, num_generations=1)
+        rl_config(tmp_path, num_generations=1)
     with pytest.raises(ValueError, match="temperature"):
-        _config(tmp_path, sampler=SamplerConfig(temperature=0.0))
+        rl_config(tmp_path, sampler=SamplerConfig(temperature=0.0))
     with pytest.raises(ValueError, match="unknown objective"):
-        RLTrainer(_config(tmp_path, objective="ppo"), task=_task())
+        RLTrainer(rl_config(tmp_path, objective="ppo"), task=sevens_task())
 
 
 def test_rl_cli_runs_a_recipe_and_resumes(tmp_path, capsys):

@@ -3,52 +3,29 @@ rewards, both layouts, and clear errors."""
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 
 import pytest
 import torch
 
+from tiny_rl import read_metrics, rl_config, sevens_task
 from unmask.objectives.value import ValueConfig, ValueModel
 from unmask.sampling import SamplerConfig
-from unmask.tasks.registry import get_task
 from unmask.train.checkpoint import CheckpointError, latest_checkpoint
 from unmask.train.rl import RLConfig, RLTrainer
 
 
-def sevens(prompts, completions, **_):
-    return [c.count("7") / max(len(c), 1) for c in completions]
-
-
-def _task():
-    solved = get_task("sudoku").reward_funcs[1]
-    return get_task("sudoku", reward_funcs=[sevens, solved], reward_weights=[1.0, 0.0])
-
-
 def _config(tmp_path, name="run", value=None, **kw):
-    base = {
-        "model": "nano-block",
-        "output_dir": str(tmp_path / name),
-        "num_prompts": 2,
-        "num_generations": 4,
-        "max_steps": 3,
-        "lr": 3e-3,
-        "sampler": SamplerConfig(gen_length=8, temperature=1.0),
-        "progress": False,
-        "value_model": ValueConfig(enabled=True, lr=1e-3, **(value or {})),
-    }
-    return RLConfig(**{**base, **kw})
-
-
-def _metrics(path):
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    """A tiny run with the value model on (``value``: its fields)."""
+    value_model = ValueConfig(enabled=True, lr=1e-3, **(value or {}))
+    return rl_config(tmp_path, name, **{"max_steps": 3, "value_model": value_model, **kw})
 
 
 def test_value_run_logs_saves_and_resumes_exactly(tmp_path):
-    straight = RLTrainer(_config(tmp_path, "straight", save_every=2), task=_task())
+    straight = RLTrainer(_config(tmp_path, "straight", save_every=2), task=sevens_task())
     straight.train()
-    logged = _metrics(tmp_path / "straight")
+    logged = read_metrics(tmp_path / "straight")
     for key in ("value_loss", "value_clip_ratio", "value_explained_var", "advantage_std"):
         assert key in logged[-1], key
     assert logged[0]["value_mean"] == 0  # zero-initialised head
@@ -61,12 +38,12 @@ def test_value_run_logs_saves_and_resumes_exactly(tmp_path):
 
     checkpoint = latest_checkpoint(tmp_path / "straight")  # after step 2 of 3
     assert checkpoint.name.endswith("2") and (checkpoint / "value_optimizer.pt").is_file()
-    resumed = RLTrainer(_config(tmp_path, "resumed", resume=str(checkpoint)), task=_task())
+    resumed = RLTrainer(_config(tmp_path, "resumed", resume=str(checkpoint)), task=sevens_task())
     resumed.train()
     for a, b in ((straight.core, resumed.core), (straight.value.core, resumed.value.core)):
         for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
             assert torch.equal(x, y), name
-    assert _metrics(tmp_path / "resumed")[-1]["value_loss"] == logged[-1]["value_loss"]
+    assert read_metrics(tmp_path / "resumed")[-1]["value_loss"] == logged[-1]["value_loss"]
 
 
 def test_full_layout_agrpo_process_reward_and_train_every(tmp_path, monkeypatch):
@@ -87,8 +64,8 @@ def test_full_layout_agrpo_process_reward_and_train_every(tmp_path, monkeypatch)
     }
     cfg = _config(tmp_path, model="nano-full", objective="agrpo", max_steps=2, value=value,
                   sampler=SamplerConfig(gen_length=8, block_length=4, temperature=1.0))  # fmt: skip
-    RLTrainer(cfg, task=_task()).train()
-    first, second = _metrics(tmp_path / "run")
+    RLTrainer(cfg, task=sevens_task()).train()
+    first, second = read_metrics(tmp_path / "run")
     assert "value_loss" not in first and "value_loss" in second  # trained every 2nd step
     assert first["advantage_mean"] == pytest.approx(0.0, abs=1e-5)  # whitened
     assert first["advantage_std"] == pytest.approx(1.0, abs=1e-3)
@@ -101,17 +78,17 @@ def test_value_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="importance_sampling_level"):
         _config(tmp_path, importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="cannot import"):
-        RLTrainer(_config(tmp_path, value={"token_reward": "no_such_module:f"}), task=_task())
+        RLTrainer(_config(tmp_path, value={"token_reward": "no_such_module:f"}), task=sevens_task())
     plain = _config(tmp_path, "plain", max_steps=1, save_every=1, value_model=ValueConfig())
-    RLTrainer(plain, task=_task()).train()
+    RLTrainer(plain, task=sevens_task()).train()
     with pytest.raises(CheckpointError, match="without a value model"):
-        RLTrainer(_config(tmp_path, "plain", resume="latest"), task=_task()).train()
+        RLTrainer(_config(tmp_path, "plain", resume="latest"), task=sevens_task()).train()
 
 
 def test_value_advantages_raise_a_toy_reward(tmp_path):
     cfg = _config(tmp_path, max_steps=10, num_prompts=4, lr=1e-2)
-    RLTrainer(cfg, task=_task()).train()
-    rewards = [m["reward"] for m in _metrics(tmp_path / "run")]
+    RLTrainer(cfg, task=sevens_task()).train()
+    rewards = [m["reward"] for m in read_metrics(tmp_path / "run")]
     assert sum(rewards[-3:]) / 3 > 0.1 > 3 * rewards[0], rewards
 
 
