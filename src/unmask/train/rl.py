@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -300,9 +301,15 @@ class RLTrainer:
         """Past ``max_time_s`` on any process (all processes stop at the same step)."""
         if self.config.max_time_s is None:
             return False
-        over = time.perf_counter() - began > self.config.max_time_s
-        flag = torch.tensor([float(over)], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return self._on_any_process(time.perf_counter() - began > self.config.max_time_s)
+
+    def _on_any_process(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any process, so that all of them take the same branch."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return flag
+        count = acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum")
+        return bool(count.item() > 0)
 
     def step(self) -> dict[str, float]:
         """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""
@@ -490,7 +497,8 @@ class RLTrainer:
             grad_norm = acc.clip_grad_norm_(
                 self.model.parameters(), cfg.max_grad_norm or float("inf")
             )
-            finite = self._all_finite(loss_sum, float(grad_norm))
+            bad = not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm)))
+            finite = not self._on_any_process(bad)  # every process steps, or all skip
             if finite:
                 self.optimizer.step()
                 self.bad_in_a_row = 0
@@ -531,14 +539,6 @@ class RLTrainer:
         local = torch.tensor([float(len(v)) for v in views], device=acc.device)
         total = acc.reduce(local.clone(), reduction="sum")
         return [bool(n == 0 and t > 0) for n, t in zip(local, total, strict=True)]
-
-    def _all_finite(self, loss_sum: float, grad_norm: float) -> bool:
-        """Whether the update is finite on every process (they all step, or all skip)."""
-        flag = torch.tensor([float(not torch.isfinite(torch.tensor([loss_sum, grad_norm])).all())],
-                            device=self.accelerator.device)  # fmt: skip
-        if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() == 0)
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         if not self.objective.scores_sampling_distribution:
