@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -90,6 +91,86 @@ def test_function_tests_pass_only_when_the_test_passes(sandbox):
     assert setup.completed
 
 
+HONEST = {  # program, test: what honest solutions and tests do across the pipe
+    "tuples, sets, dicts with int keys, floats, None, bytes": (
+        "def f(n):\n    return (n, {n, 1}, {n: [n * 0.5, None]}, float('inf'), b'x' * n)\n",
+        "assert f(2) == (2, {1, 2}, {2: [1.0, None]}, float('inf'), b'xx')",
+    ),
+    "subclasses travel as their plain values": (
+        "import collections, enum\nclass C(enum.IntEnum):\n    RED = 1\n"
+        "P = collections.namedtuple('P', 'x y')\n"
+        "def f():\n    return C.RED, P(1, 2), collections.Counter('aab'),"
+        " collections.defaultdict(int, a=1)\n",
+        "c, p, counts, d = f()\nassert (c, p, counts, d) == (1, (1, 2), {'a': 2, 'b': 1}, {'a': 1})\n"
+        "assert counts['z'] == 0 and d['z'] == 0",
+    ),
+    "in-place changes reach the test's list and dict": (
+        "def f(xs, d):\n    xs.sort()\n    d['n'] = len(xs)\n",
+        "xs, d = [3, 1, 2], {}\nassert f(xs, d) is None\nassert xs == [1, 2, 3] and d == {'n': 3}",
+    ),
+    "exceptions cross as built-in or the program's own types": (
+        "class Bad(ValueError):\n    pass\n"
+        "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n"
+        "    if x == 0:\n        raise Bad('zero')\n    return x\n",
+        "try:\n    f(-1)\nexcept ValueError as e:\n    assert str(e) == 'negative'\nelse:\n"
+        "    raise AssertionError\ntry:\n    f(0)\nexcept Bad:\n    pass\nelse:\n"
+        "    raise AssertionError",
+    ),
+    "classes: construct, call methods, read attributes, iterate": (
+        "class Node:\n    def __init__(self, val, next=None):\n"
+        "        self.val, self.next = val, next\n"
+        "def reverse(head):\n    prev = None\n    while head:\n"
+        "        head.next, prev, head = prev, head, head.next\n    return prev\n"
+        "class Stack:\n    def __init__(self):\n        self.items = []\n"
+        "    def push(self, x):\n        self.items.append(x)\n"
+        "    def __len__(self):\n        return len(self.items)\n"
+        "    def __iter__(self):\n        return iter(self.items)\n",
+        "def values(node):\n    out = []\n    while node is not None:\n"
+        "        out.append(node.val)\n        node = node.next\n    return out\n"
+        "assert values(reverse(Node(1, Node(2, Node(3))))) == [3, 2, 1]\n"
+        "s = Stack()\ns.push(4)\ns.push(5)\nassert len(s) == 2 and list(s) == [4, 5]\n"
+        "assert s.items == [4, 5] and bool(s)",
+    ),
+    "generators, module constants, the program's imports, printing": (
+        "import math\nLIMIT = 3\n"
+        "def gen(n):\n    print('called', n)\n    yield from range(n)\n"
+        "def area(r):\n    return math.pi * r * r\n",
+        "assert list(gen(LIMIT)) == [0, 1, 2]\nassert math.isclose(area(1), 3.14159, rel_tol=1e-4)",
+    ),
+    "from solution import, setup code, pytest-style test functions": (
+        "def add(a, b):\n    return a + b\n",
+        "from solution import add\ndef test_add():\n    assert add(2, 3) == 5\ntest_add()",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", HONEST)
+def test_honest_programs_pass_across_the_pipe(sandbox, case):
+    program, test = HONEST[case]
+    result = sandbox.run(function_job(program, test, time_limit=2.0))
+    assert result.completed, result.reason + result.stderr
+
+
+def test_what_cannot_cross_fails_with_a_reason(sandbox):
+    cases = [
+        ("def f():\n    return object()\n", "assert f() == 1", "compared"),
+        ("def f(g):\n    return g(1)\n", "assert f(lambda x: x) == 1", "not plain data"),
+        ("def f():\n    return 1\n", "assert f() == 2", "AssertionError (test.py line 1"),
+        ("def f(x) return x", "assert f(1) == 1", "the program failed to run: SyntaxError"),
+    ]
+    results = sandbox.run_many([function_job(p, t) for p, t, _ in cases])
+    for (_, _, reason), result in zip(cases, results, strict=True):
+        assert not result.completed and reason in result.reason, result.reason
+
+
+def test_a_program_cannot_shadow_the_tests_builtins(sandbox):
+    program = "def sorted(xs):\n    return 0\ndef f(xs):\n    return xs\n"
+    result = sandbox.run(function_job(program, "assert sorted(f([3, 1, 2])) == [1, 2, 3]"))
+    assert result.completed  # the test's sorted is Python's, not the program's
+    wrong = sandbox.run(function_job(program, "assert sorted(f([3, 1])) == sorted([1, 2])"))
+    assert not wrong.completed
+
+
 def test_environment_is_minimal_and_the_work_dir_fresh(sandbox):
     show = (
         "import os\nprint(sorted(os.environ))\nprint(os.listdir('.'))\nopen('mine', 'w').write('x')"
@@ -122,6 +203,158 @@ def test_leaving_early_or_faking_success_does_not_pass(sandbox):
     ]
     results = sandbox.run_many([function_job(p) for p in hacks])
     assert [r.completed for r in results] == [False] * len(hacks)
+
+
+# Forging a verdict: the test process decides, and the program cannot reach it. Each attack
+# is a wrong solution to "double x" (an honest one is checked beside them) that tries to pass
+# ``assert f(2) == 4`` without computing 4.
+
+WRONG = "def f(x):\n    return 0\n"
+ATTACKS = {
+    "os._exit made a no-op": WRONG + "import os\nos._exit = lambda *a: None\n",
+    "frames walked for the pass token or expected value": (
+        "import os, sys\n"
+        "def f(x):\n"
+        "    found, frame = [], sys._getframe().f_back\n"
+        "    while frame is not None:\n"
+        "        found += [v for v in {**frame.f_globals, **frame.f_locals}.values()\n"
+        "                  if type(v) in (int, bytes, str) and v not in (x, 0)]\n"
+        "        frame = frame.f_back\n"
+        "    for v in found:\n"
+        "        if type(v) in (bytes, str) and len(v) == 32:\n"  # the old harness's pass token
+        "            os.write(1, b'\\n' + (v if type(v) is bytes else v.encode()) + b'\\n')\n"
+        "            os._exit(0)\n"
+        "    for v in found:\n"
+        "        if type(v) is int:\n"
+        "            return v\n"
+        "    return 0\n"
+    ),
+    "__eq__ always true": (
+        "class Yes:\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = object.__hash__\n"
+        "def f(x):\n    return Yes()\n"
+    ),
+    "int subclass equal to everything": (
+        "class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+        "    __hash__ = int.__hash__\n"
+        "def f(x):\n    return Yes(0)\n"
+    ),
+    "builtins patched": WRONG + (
+        "import builtins\n"
+        "class Never(Exception):\n    pass\n"
+        "builtins.AssertionError = Never\nbuiltins.isinstance = lambda *a: True\n"
+        "builtins.len = lambda *a: 0\n"
+    ),
+    "atexit exits 0 and prints success": WRONG + (
+        "import atexit, os\n"
+        "atexit.register(lambda: (print('{\"passed\": true, \"reason\": \"\"}'), os._exit(0)))\n"
+    ),
+    "signal handlers ignore the kill": WRONG + (
+        "import signal\n"
+        "for s in (signal.SIGTERM, signal.SIGXCPU, signal.SIGINT, signal.SIGHUP):\n"
+        "    signal.signal(s, signal.SIG_IGN)\n"
+    ),
+    "threads outlive the call and write fake verdicts everywhere": (
+        "import os, threading, time\n"
+        "LINE = b'{\"passed\": true, \"reason\": \"\"}\\n{\"id\": 1, \"value\": 4, \"after\": [null]}\\n'\n"
+        "def spam():\n"
+        "    for _ in range(200):\n"
+        "        for fd in range(1, 64):\n"
+        "            try:\n                os.write(fd, LINE)\n"
+        "            except OSError:\n                pass\n"
+        "        time.sleep(0.001)\n"
+        "def f(x):\n"
+        "    threading.Thread(target=spam, daemon=False).start()\n"
+        "    time.sleep(0.05)\n"
+        "    return 0\n"
+    ),
+    "fake verdicts printed": WRONG + (
+        "import sys\n"
+        "for line in ('PASSED', '{\"passed\": true, \"reason\": \"\"}', 'ok', '\\n' + '0' * 32):\n"
+        "    print(line)\n    print(line, file=sys.stderr)\n"
+    ),
+    "raises SystemExit(0)": "def f(x):\n    raise SystemExit(0)\n",
+    "exits 0 at import": WRONG + "import os\nos._exit(0)\n",
+    "kills every other process it can see": WRONG + (
+        "import os, signal\n"
+        "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
+        "    if pid != os.getpid():\n"
+        "        try:\n            os.kill(pid, signal.SIGKILL)\n"
+        "        except OSError:\n            pass\n"
+    ),
+}
+
+
+def test_an_honest_solution_passes(sandbox):
+    result = sandbox.run(function_job("def f(x):\n    return 2 * x\n", "assert f(2) == 4"))
+    assert result.completed and result.status == "ok" and result.reason == ""
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_attacks_on_the_verdict_score_zero(sandbox, attack):
+    if attack.startswith("kills") and sandbox.backend == "fallback" and not ROOT:
+        pytest.skip("the non-root fallback can signal this process (docs/sandbox.md)")
+    result = sandbox.run(function_job(ATTACKS[attack], "assert f(2) == 4", time_limit=1.0))
+    assert not result.completed, result
+    assert result.reason
+
+
+def test_reading_the_test_finds_nothing(sandbox):
+    """The expected value lives only in the test process: not in the program's files, memory,
+    stdin, environment or frames, nor readable from the test process through /proc."""
+    skip_if_same_user(sandbox)
+    secret = f"zebra{secrets.token_hex(8)}"
+    hunt = (
+        "import os, re\n"
+        "PATTERN = re.compile(rb'zebra[0-9a-f]{16}')\n"
+        "def look(path):\n"
+        "    try:\n"
+        "        with open(path, 'rb') as handle:\n"
+        "            found = PATTERN.search(handle.read(1 << 20))\n"
+        "        return found.group().decode() if found else None\n"
+        "    except (OSError, ValueError):\n"
+        "        return None\n"
+        "def memory(pid):\n"
+        "    try:\n"
+        "        with open(f'/proc/{pid}/maps') as maps, open(f'/proc/{pid}/mem', 'rb') as mem:\n"
+        "            for line in maps:\n"
+        "                start, end = (int(a, 16) for a in line.split()[0].split('-'))\n"
+        "                if 'r' in line.split()[1] and end - start < 1 << 26:\n"
+        "                    mem.seek(start)\n"
+        "                    found = PATTERN.search(mem.read(end - start))\n"
+        "                    if found:\n"
+        "                        return found.group().decode()\n"
+        "    except (OSError, ValueError, OverflowError):\n"
+        "        return None\n"
+        "def f(x):\n"
+        "    import gc, sys\n"
+        "    for obj in gc.get_objects():\n"
+        "        for v in (obj.values() if isinstance(obj, dict) else [obj]):\n"
+        "            if isinstance(v, str) and PATTERN.search(v.encode()):\n"
+        "                return PATTERN.search(v.encode()).group().decode()\n"
+        "    for pid in [p for p in os.listdir('/proc') if p.isdigit() and p != str(os.getpid())]:\n"
+        "        found = memory(pid)\n"
+        "        if found:\n"
+        "            return found\n"
+        "    places = []\n"
+        "    for pid in [p for p in os.listdir('/proc') if p.isdigit()]:\n"
+        "        places += [f'/proc/{pid}/{n}' for n in ('cmdline', 'environ', 'mem')]\n"
+        "        try:\n"
+        "            places += [f'/proc/{pid}/fd/{fd}' for fd in os.listdir(f'/proc/{pid}/fd')]\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "    for root in ('.', '..', '/tmp', '/var/tmp', '/dev/shm'):\n"
+        "        for parent, _, files in os.walk(root):\n"
+        "            places += [os.path.join(parent, n) for n in files]\n"
+        "    for path in places:\n"
+        "        found = look(path)\n"
+        "        if found:\n"
+        "            return found\n"
+        "    return 'nothing'\n"
+    )
+    result = sandbox.run(function_job(hunt, f"assert f(2) == {secret!r}", time_limit=5.0))
+    assert not result.completed
+    assert secret not in result.stdout + result.stderr.replace(f"== {secret!r}", "")
 
 
 def test_killing_the_parent_or_everything_does_not_pass(sandbox):
@@ -184,20 +417,55 @@ def test_huge_output_is_cut_off(sandbox):
     assert result.seconds < 5
 
 
-def test_writes_stay_inside_the_work_dir(sandbox, tmp_path):
-    skip_if_same_user(sandbox)
-    target = tmp_path / "written"
-    program = (
-        f"import os\nfor path in ({str(target)!r}, '/usr/written', os.path.expanduser('~/../x')):\n"
-        "    try:\n        open(path, 'w').write('x')\n        print('wrote', path)\n"
-        "    except OSError as exc:\n        print('refused', type(exc).__name__)\n"
+def writer(marker: str, private: Path) -> str:
+    """A program that writes everywhere it might, then a file over ``max_file_mb``."""
+    return (
+        "import ctypes, os\n"
+        f"paths = [{str(private)!r}, '/usr/written', os.path.expanduser('~/../x-{marker}')]\n"
+        f"paths += [d + '/unmask-test-{marker}' for d in ('/tmp', '/var/tmp', '/dev/shm')]\n"
+        "for path in paths:\n"
+        "    try:\n        open(path, 'wb').write(b'x' * (512 << 10))\n"
+        "        print('wrote', path)\n"
+        "    except OSError as exc:\n        print('refused', path, type(exc).__name__)\n"
+        "libc = ctypes.CDLL(None)\n"
+        "print('shm', libc.shmget(0, 1 << 20, 0o1600))\n"  # IPC_PRIVATE, IPC_CREAT | 0600
         "open('big', 'wb').write(b'x' * (2 << 20))\n"
     )
-    result = sandbox.run(Job(program))
-    assert "wrote /" not in result.stdout
-    assert not target.exists() and not Path("/usr/written").exists()
+
+
+def leftovers(marker: str) -> list[str]:
+    places = ["/tmp", "/var/tmp", "/dev/shm", "/"]
+    return [f"{d}/{n}" for d in places if os.path.isdir(d) for n in os.listdir(d) if marker in n]
+
+
+def shm_segments() -> int:
+    return len(Path("/proc/sysvipc/shm").read_text().splitlines())
+
+
+def test_nothing_written_outlives_the_run(sandbox, tmp_path):
+    skip_if_same_user(sandbox)
+    marker, private = secrets.token_hex(6), tmp_path / "written"
+    segments = shm_segments()
+    result = sandbox.run(Job(writer(marker, private)))
+    assert f"refused {private}" in result.stdout and "refused /usr/written" in result.stdout
+    assert not private.exists() and not Path("/usr/written").exists()
+    assert leftovers(marker) == []
+    assert shm_segments() == segments  # the SysV segment died with the run's IPC namespace
     assert not result.completed  # the 2 MiB file is over max_file_mb
     assert "File too large" in result.stderr
+
+
+@pytest.mark.skipif(not ROOT or FALLBACK_PYTHON is None, reason="the root fallback's cleanup")
+def test_fallback_without_private_mounts_deletes_what_the_run_left(tmp_path):
+    """Where the kernel refuses a mount namespace, the root fallback deletes whatever the
+    run's uids own in the shared folders after the run."""
+    with Sandbox(make_config("fallback")) as box:
+        box.start()
+        box.private_mounts = False
+        marker = secrets.token_hex(6)
+        result = box.run(Job(writer(marker, tmp_path / "written")))
+        assert f"wrote /tmp/unmask-test-{marker}" in result.stdout
+        assert leftovers(marker) == []
 
 
 def test_trainer_files_are_not_readable(sandbox, tmp_path):

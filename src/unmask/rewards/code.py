@@ -2,8 +2,9 @@
 
 A row's tests are either ``function`` tests (snippets such as ``assert f(2) == 4`` run after
 the program, MBPP / HumanEval / KodCode style) or ``stdio`` tests (an input and the expected
-output, PrimeIntellect / LiveCodeBench style). Every test is a separate sandboxed process
-(:mod:`unmask.sandbox`), and the harness outside the program decides whether it passed. The
+output, PrimeIntellect / LiveCodeBench style). Every test is a separate sandboxed run
+(:mod:`unmask.sandbox`); a function test's verdict comes from a test process that calls the
+program across a pipe with plain data, a stdio test's from comparing its output here. The
 rewards are the fraction of tests passed and whether all passed; one batch runs once (cached
 by program and tests, so the second reward of :meth:`Task.score` costs nothing), on at most
 ``sandbox.workers`` processes at a time.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import signal
 import stat
 import tempfile
@@ -27,7 +28,11 @@ from pathlib import Path
 WORKDIR = "/sandbox"  # the work directory inside bubblewrap
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
 UID_SEARCH = 1 << 16  # uids tried above uid_base when leasing
-UIDS_PER_WORKER = 4  # as root, runs rotate over these many uids per worker
+UIDS_PER_WORKER = 4  # as root, runs rotate over these many uids per worker (two per run)
+# World-writable places a program could leave files in. The fallback as root mounts a fresh
+# tmpfs on each (``_harness.PRIVATE_DIRS``); where the kernel refuses, it deletes what the
+# run's uid left there instead.
+SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 ROOT_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN")  # dropped with the switch to the uid
 
 
@@ -123,6 +128,41 @@ def wait_idle(uid: int, timeout: float = 2.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def _open_to_all(path: str) -> bool:
+    """A real (not symlinked) folder that every user may write in."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(info.st_mode) and bool(info.st_mode & stat.S_IWOTH)
+
+
+def remove_owned(uid: int, roots: tuple[str, ...] = SHARED_DIRS) -> list[str]:
+    """As root: delete every file and folder owned by ``uid`` under ``roots``; returns what was
+    deleted. A uid can only create entries in world-writable folders and in its own, so only
+    those are searched (deleting a folder of its own takes everything under it)."""
+    removed: list[str] = []
+    for root in roots:
+        if not os.path.isdir(root) or os.path.islink(root):
+            continue
+        for parent, dirs, files in os.walk(root):
+            for name in list(dirs) + files:
+                path = os.path.join(parent, name)
+                try:
+                    info = os.lstat(path)
+                except OSError:
+                    continue
+                if info.st_uid == uid:
+                    if stat.S_ISDIR(info.st_mode):
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        with contextlib.suppress(OSError):
+                            os.unlink(path)
+                    removed.append(path)
+            dirs[:] = [d for d in dirs if _open_to_all(os.path.join(parent, d))]
+    return removed
 
 
 class UidLeases:

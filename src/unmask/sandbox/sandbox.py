@@ -1,27 +1,25 @@
-"""Run untrusted Python programs, one test per process, under limits and isolation.
+"""Run untrusted Python programs, one test per run, under limits and isolation.
 
 A :class:`Sandbox` starts lazily: it asks the interpreter for its install prefixes (the only
 host paths bubblewrap shows besides the system directories), picks the backend with a probe
-run, and, as root, leases unprivileged uids for its workers. Each :class:`Job` then runs as a
-fresh process: the harness (``_harness.py``) reads the job from stdin, drops to the worker's
-uid, applies the rlimits and runs the program. The parent enforces the wall clock and the
-output cap, kills whatever the run left behind, and decides the result from outside: a
-function test passes only if the harness printed the run's one-time token after the test
-finished.
+run, and, as root, leases unprivileged uids for its workers. Each :class:`Job` then runs as
+fresh processes of the harness (``_harness.py``), which reads its job from stdin, isolates
+itself, drops to its uid and applies the rlimits. A stdio job is one process: the program,
+whose output the parent compares. A function job is two: the program's process, which only
+answers calls, and a separate test process that calls it over two pipes with plain data and
+decides the verdict; the program never holds the test, an expected value or a secret. The
+parent enforces the wall clock and the output cap, kills whatever the run left behind, and
+reads the verdict from the test process alone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import queue
-import secrets
-import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,9 +27,9 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from unmask.sandbox.config import SandboxConfig
 from unmask.sandbox.isolation import (
@@ -40,24 +38,30 @@ from unmask.sandbox.isolation import (
     UidLeases,
     bwrap_argv,
     kill_uid,
+    remove_owned,
     user_processes,
     wait_idle,
     world_usable,
 )
+from unmask.sandbox.process import Child, communicate, exit_status, kill, remove_tree
 
 logger = logging.getLogger(__name__)
 
 HARNESS = Path(__file__).with_name("_harness.py")
-PROBE = ("import fractions\nx = fractions.Fraction(1, 3)\n", "assert x * 3 == 1\n")
-READ_SIZE = 1 << 16
-POLL = 0.05  # seconds between checks whether the program has exited
+PRIVATE_WORKDIR = "/tmp/sandbox"  # the fallback's work directory in its private tmpfs
+PROBE = (
+    "import fractions\ndef f(x):\n    return str(fractions.Fraction(x, 3) * 3)\n",
+    "assert f(1) == '1'\n",
+)
+Uids = tuple[int | None, int | None]  # the program's and the test's
 
 
 @dataclass(frozen=True)
 class Job:
     """One program run: ``stdio`` feeds ``stdin`` to the program as ``__main__``; ``function``
-    imports it as module ``solution``, then runs ``setup`` and ``test`` after it.
-    ``time_limit`` (seconds) is the CPU time; the wall clock gets ``wall_slack`` more."""
+    imports it as module ``solution`` and runs ``setup`` and ``test`` in a separate process
+    that calls the program's functions. ``time_limit`` (seconds) is the CPU time of each
+    process; the wall clock of the whole run gets ``wall_slack`` more."""
 
     program: str
     mode: Literal["stdio", "function"] = "stdio"
@@ -75,11 +79,13 @@ class Job:
 
 @dataclass(frozen=True)
 class RunResult:
-    """How a run ended. ``status``: ``ok`` (exit 0), ``error`` (non-zero exit, including a
-    Python exception or a ``MemoryError`` at the memory limit), ``timeout`` (wall clock),
-    ``cpu_time`` (CPU limit), ``killed`` (another signal), ``output_limit`` (stdout plus
-    stderr over the cap). ``completed``: a stdio program exited 0; a function test finished
-    and the harness, not the program, said so."""
+    """How a run ended. ``status``: ``ok`` (a stdio program exited 0, or a function test
+    passed), ``error`` (a non-zero exit, an exception, a failed test, a ``MemoryError`` at the
+    memory limit), ``timeout`` (wall clock), ``cpu_time`` (CPU limit), ``killed`` (another
+    signal), ``output_limit`` (stdout plus stderr over the cap). ``completed``: a stdio
+    program exited 0; a function test passed, as the test process (never the program) said.
+    ``stdout`` and ``stderr`` are the program's (a function test's traceback is appended to
+    ``stderr``); ``reason`` says why a function test failed."""
 
     status: str
     completed: bool
@@ -87,6 +93,7 @@ class RunResult:
     stdout: str
     stderr: str
     seconds: float
+    reason: str = ""
 
 
 class Sandbox:
@@ -97,11 +104,12 @@ class Sandbox:
         self.backend: str | None = None  # "bwrap" or "fallback" once started
         self._kind = "fallback"  # the backend runs use (set while probing, before ``backend``)
         self.network_isolated = False
+        self.private_mounts = False  # the fallback as root: fresh tmpfs on shared folders
         self._lock = threading.RLock()
         self._python: list[str] = []
         self._bwrap: list[str] = []
         self._leases: UidLeases | None = None
-        self._slots: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._slots: queue.SimpleQueue[Uids] = queue.SimpleQueue()
         self._busy = threading.BoundedSemaphore(self.config.workers)
         self._root = os.geteuid() == 0
 
@@ -111,16 +119,17 @@ class Sandbox:
         """Run one job on a free worker (blocks while all ``workers`` are busy)."""
         self.start()
         with self._busy:
-            uid = self._slots.get()  # as root, the uid that has rested longest
+            uids = self._slots.get()  # as root, the uids that have rested longest
             try:
-                if uid is not None and not wait_idle(uid):
-                    logger.warning("sandbox uid %d still has processes from an earlier run", uid)
-                return self._run(job, uid)
+                for uid in uids:
+                    if uid is not None and not wait_idle(uid):
+                        logger.warning("sandbox uid %d still has processes from a run", uid)
+                return self._run(job, uids)
             finally:
-                self._slots.put(uid)
+                self._slots.put(uids)
 
     def run_many(self, jobs: Sequence[Job]) -> list[RunResult]:
-        """Run ``jobs`` on at most ``workers`` processes at once; results in job order."""
+        """Run ``jobs`` on at most ``workers`` workers at once; results in job order."""
         self.start()
         if not jobs:
             return []
@@ -156,25 +165,27 @@ class Sandbox:
             raise ValueError(f"sandbox.python: {python!r} is not an executable file")
         self._python = [python, "-I", "-B", "-X", "utf8"] + ([] if cfg.site_packages else ["-S"])
         self._python += ["-c", HARNESS.read_text()]
+        slots: list[Uids] = [(None, None)] * cfg.workers
         if self._root:
             self._leases = UidLeases(cfg.uid_base, cfg.workers * UIDS_PER_WORKER)
-        uids: list[int | None] = list(self._leases.uids) if self._leases else [None] * cfg.workers
+            pairs = iter(self._leases.uids)
+            slots = list(zip(pairs, pairs, strict=True))
         try:
             reason = "sandbox.backend is fallback"
             if cfg.backend != "fallback":
-                reason = self._try_bwrap(python, uids[0])
+                reason = self._try_bwrap(python, slots[0])
             if reason is not None and cfg.backend == "bwrap":
                 raise RuntimeError(f"sandbox.backend is bwrap but bubblewrap cannot run: {reason}")
             if reason is not None:
-                self._start_fallback(uids[0], reason)
+                self._start_fallback(slots[0], reason)
         except BaseException:
             self.close()
             raise
         self.backend = self._kind
-        for uid in uids:
-            self._slots.put(uid)
+        for pair in slots:
+            self._slots.put(pair)
 
-    def _try_bwrap(self, python: str, uid: int | None) -> str | None:
+    def _try_bwrap(self, python: str, uids: Uids) -> str | None:
         """None if a probe run under bubblewrap passes, else why not."""
         bwrap = shutil.which("bwrap")
         if bwrap is None:
@@ -186,18 +197,21 @@ class Sandbox:
         readonly += [os.path.abspath(p) for p in self.config.readonly_paths]
         self._bwrap = bwrap_argv(bwrap, readonly, self.config.workdir_mb << 20, self._root)
         self._kind, self.network_isolated = "bwrap", True
-        result = self._probe(uid)
+        result = self._probe(uids)
         if result.completed:
             return None
         return f"the probe run failed ({result.status}, exit {result.returncode}): " + (
-            result.stderr.strip()[-500:] or "no message"
+            result.stderr.strip()[-500:] or result.reason or "no message"
         )
 
-    def _start_fallback(self, uid: int | None, reason: str) -> None:
+    def _start_fallback(self, uids: Uids, reason: str) -> None:
+        """The strongest fallback the kernel allows. As root: private network, mounts and IPC,
+        else the network alone, else neither; not as root: none of them."""
         self._kind = "fallback"
-        for isolated in [True, False] if self._root else [False]:
-            self.network_isolated = isolated  # as root the harness can unshare the network
-            result = self._probe(uid)
+        options = [(True, True), (True, False), (False, False)] if self._root else [(False, False)]
+        for isolated, private in options:
+            self.network_isolated, self.private_mounts = isolated, private
+            result = self._probe(uids)
             if result.completed:
                 break
         else:
@@ -207,9 +221,11 @@ class Sandbox:
                         "the fallback needs when run as root (try /usr/bin/python3)")  # fmt: skip
             raise RuntimeError(
                 f"the fallback sandbox cannot run programs ({result.status}): "
-                f"{result.stderr.strip()[-500:]}{hint}"
+                f"{result.stderr.strip()[-500:] or result.reason}{hint}"
             )
         missing = [] if self.network_isolated else ["the network"]
+        if self._root and not self.private_mounts:
+            missing.append("/tmp, /var/tmp, /dev/shm while a program runs (cleaned after it)")
         if not self._root:
             missing.append("the user's own files and processes (programs run as this user)")
         logger.warning(
@@ -220,45 +236,87 @@ class Sandbox:
             ", ".join(missing) or "nothing more",
         )
 
-    def _probe(self, uid: int | None) -> RunResult:
-        return self._run(Job(program=PROBE[0], mode="function", test=PROBE[1], time_limit=5), uid)
+    def _probe(self, uids: Uids) -> RunResult:
+        job = Job(program=PROBE[0], mode="function", test=PROBE[1], time_limit=5)
+        return self._run(job, uids)
 
     # One run.
 
-    def _run(self, job: Job, uid: int | None) -> RunResult:
-        cfg = self.config
-        token = secrets.token_hex(16)
-        header = json.dumps({
-            "mode": job.mode, "program": job.program, "setup": job.setup, "test": job.test,
-            "token": token, "uid": uid, "limits": self._limits(job),
-            "unshare_net": self._kind == "fallback" and self.network_isolated,
-        }).encode()  # fmt: skip
-        payload = b"%016d" % len(header) + header + job.stdin.encode()
+    def _run(self, job: Job, uids: Uids) -> RunResult:
+        began = time.monotonic()
+        deadline = began + job.time_limit + self.config.wall_slack
+        if job.mode == "stdio":
+            roles = [({"mode": "stdio", "program": job.program}, uids[0], job.stdin.encode())]
+            pipes: list[int] = []
+        else:
+            requests, answers = os.pipe(), os.pipe()
+            pipes = [*requests, *answers]
+            roles = [
+                ({"mode": "program", "program": job.program,
+                  "channel": [requests[0], answers[1]]}, uids[0], b""),
+                ({"mode": "test", "setup": job.setup, "test": job.test,
+                  "channel": [requests[1], answers[0]]}, uids[1], b""),
+            ]  # fmt: skip
+        children: list[Child] = []
+        workdirs: list[str] = []
+        try:
+            for role, uid, stdin in roles:
+                children.append(self._spawn(job, role, uid, stdin, workdirs))
+            for fd in pipes:  # the children hold their ends now
+                os.close(fd)
+            pipes = []
+            ending = communicate(children, children[-1], deadline, self.config.max_output_kb << 10)
+        finally:
+            for fd in pipes:
+                os.close(fd)
+            self._clean_up(children, uids)
+            for workdir in workdirs:
+                remove_tree(workdir)
+        return self._result(job, children, ending, time.monotonic() - began)
+
+    def _spawn(
+        self, job: Job, role: dict[str, Any], uid: int | None, stdin: bytes, workdirs: list[str]
+    ) -> Child:
+        """Start one harness process for ``role``, passing it only its own ends of the pipes;
+        a work directory to remove after the run is added to ``workdirs``."""
         bwrap = self._kind == "bwrap"
-        workdir = WORKDIR if bwrap else tempfile.mkdtemp(prefix="unmask-sandbox-")
+        private = not bwrap and self.private_mounts
+        if bwrap or private:
+            workdir = WORKDIR if bwrap else PRIVATE_WORKDIR
+        else:
+            workdir = tempfile.mkdtemp(prefix="unmask-sandbox-")
+            workdirs.append(workdir)
+        header = json.dumps({
+            **role, "uid": uid, "limits": self._limits(job),
+            "unshare_net": not bwrap and self.network_isolated, "private_mounts": private,
+            "workdir_bytes": self.config.workdir_mb << 20,
+        }).encode()  # fmt: skip
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}  # fmt: skip
-        argv = self._bwrap + self._python if bwrap else self._python
-        began = time.monotonic()
-        deadline = began + job.time_limit + cfg.wall_slack
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=None if bwrap else workdir, env=env, start_new_session=True,
-            )  # fmt: skip
-            try:
-                captured = _communicate(proc, payload, deadline, cfg.max_output_kb << 10)
-                seconds = time.monotonic() - began
-            finally:
-                self._clean_up(proc, uid)
-        finally:
-            if not bwrap:
-                _remove_tree(workdir)
-        status = _status(captured, proc.returncode, bwrap)
-        stdout, marker = captured.stdout.decode("utf-8", "replace"), f"\n{token}\n"
-        completed = status == "ok" and (job.mode == "stdio" or marker in stdout)
-        stdout, stderr = stdout.replace(marker, ""), captured.stderr.decode("utf-8", "replace")
-        return RunResult(status, completed, proc.returncode, stdout, stderr, seconds)
+        popen = subprocess.Popen(
+            self._bwrap + self._python if bwrap else self._python,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=None if bwrap else "/" if private else workdir, env=env,
+            start_new_session=True, pass_fds=role.get("channel", ()),
+        )  # fmt: skip
+        return Child(popen, b"%016d" % len(header) + header + stdin)
+
+    def _result(self, job: Job, children: list[Child], ending: str, seconds: float) -> RunResult:
+        """The run's status, and for a function test the verdict of the test process."""
+        bwrap = self._kind == "bwrap"
+        program = children[0]
+        stdout, stderr = program.text("stdout"), "".join(c.text("stderr") for c in children)
+        if job.mode == "stdio":
+            status = ending if ending != "exited" else exit_status(program.code, bwrap)
+            return RunResult(status, status == "ok", program.code, stdout, stderr, seconds)
+        test = children[1]
+        verdict = _verdict(test.text("stdout")) if test.code == 0 else None
+        if ending == "exited" and verdict is not None and verdict.get("passed") is True:
+            return RunResult("ok", True, program.code, stdout, stderr, seconds)
+        reason = str(verdict.get("reason")) if verdict else "the test process gave no verdict"
+        candidates = (ending, exit_status(program.code, bwrap), exit_status(test.code, bwrap))
+        status = next((s for s in candidates if s not in ("exited", "ok", "error")), "error")
+        return RunResult(status, False, program.code, stdout, stderr, seconds, reason)
 
     def _limits(self, job: Job) -> dict[str, tuple[int, int]]:
         cfg = self.config
@@ -277,19 +335,30 @@ class Sandbox:
             "RLIMIT_CORE": (0, 0),
         }
 
-    def _clean_up(self, proc: subprocess.Popen[bytes], uid: int | None) -> None:
-        """Kill the run and everything it started: its session, and as root every process of
-        its uid (that also catches processes that left the session)."""
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout, proc.stderr):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-        if uid is not None and not kill_uid(uid):
-            logger.warning("sandbox uid %d still has live processes after a run", uid)
+    def _clean_up(self, children: list[Child], uids: Uids) -> None:
+        """Kill the run and everything it started: each child's session, and as root every
+        process of the run's uids (that also catches processes that left the session). As
+        root without private mounts, delete what the uids left in the shared folders."""
+        for child in children:
+            kill(child)
+        for uid in uids:
+            if uid is None:
+                continue
+            if not kill_uid(uid):
+                logger.warning("sandbox uid %d still has live processes after a run", uid)
+            if self._kind == "fallback" and not self.private_mounts:
+                for path in remove_owned(uid):
+                    logger.debug("removed %s, left by a sandboxed program", path)
+
+
+def _verdict(stdout: str) -> dict[str, Any] | None:
+    """The test process's verdict: the JSON object on the last line of its stdout."""
+    lines = stdout.strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
+    return verdict if isinstance(verdict, dict) else None
 
 
 def _install_paths(python: str) -> list[str]:
@@ -305,88 +374,3 @@ def _install_paths(python: str) -> list[str]:
     if "/" in unique:
         raise ValueError("the interpreter is installed at / (nothing would be hidden)")
     return unique
-
-
-@dataclass
-class _Captured:
-    """What a run wrote, and why reading stopped: ``exited``, ``output_limit`` or ``timeout``."""
-
-    stdout: bytearray = field(default_factory=bytearray)
-    stderr: bytearray = field(default_factory=bytearray)
-    ending: str = "exited"
-
-
-def _communicate(
-    proc: subprocess.Popen[bytes], payload: bytes, deadline: float, cap: int
-) -> _Captured:
-    """Feed stdin and read stdout/stderr until the process exits, the output passes ``cap``
-    bytes or the ``deadline`` passes."""
-    assert proc.stdin and proc.stdout and proc.stderr
-    captured = _Captured()
-    buffers = {proc.stdout.fileno(): captured.stdout, proc.stderr.fileno(): captured.stderr}
-    stdin, view, total, exited = proc.stdin.fileno(), memoryview(payload), 0, False
-    os.set_blocking(stdin, False)
-    with selectors.DefaultSelector() as selector:
-        for fd in buffers:
-            selector.register(fd, selectors.EVENT_READ)
-        selector.register(stdin, selectors.EVENT_WRITE)
-        while selector.get_map():
-            now = time.monotonic()
-            if now >= deadline:
-                captured.ending = "timeout"
-                return captured
-            events = selector.select(0 if exited else min(POLL, deadline - now))
-            if exited and not events:
-                break  # drained; whatever still holds a pipe open is a straggler
-            for key, _ in events:
-                fd = key.fd
-                if fd == stdin:
-                    try:
-                        view = view[os.write(stdin, view[:READ_SIZE]) :]
-                    except BlockingIOError:
-                        continue
-                    except OSError:  # the program closed its stdin
-                        view = view[:0]
-                    if not view:
-                        selector.unregister(stdin)
-                        proc.stdin.close()
-                    continue
-                chunk = os.read(fd, READ_SIZE)
-                if not chunk:
-                    selector.unregister(fd)
-                buffers[fd] += chunk
-                total += len(chunk)
-                if total > cap:
-                    captured.ending = "output_limit"
-                    return captured
-            exited = exited or proc.poll() is not None
-    try:  # both pipes are closed, but the program may still run
-        proc.wait(max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        captured.ending = "timeout"
-    return captured
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a fallback work directory, even one whose subfolders the program made
-    unreadable (never following its symlinks out of the directory)."""
-    for root, dirs, _ in os.walk(path):
-        for name in dirs:
-            child = os.path.join(root, name)
-            if not os.path.islink(child):
-                with contextlib.suppress(OSError):
-                    os.chmod(child, 0o700)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _status(captured: _Captured, code: int | None, bwrap: bool) -> str:
-    if captured.ending != "exited":
-        return captured.ending
-    if code == 0:
-        return "ok"
-    signum = -code if code is not None and code < 0 else None
-    if bwrap and code is not None and code > 128:  # bubblewrap reports a signal as 128 + n
-        signum = code - 128
-    if signum == signal.SIGXCPU:
-        return "cpu_time"
-    return "error" if signum is None else "killed"
