@@ -101,7 +101,8 @@ HONEST = {  # program, test: what honest solutions and tests do across the pipe
         "P = collections.namedtuple('P', 'x y')\n"
         "def f():\n    return C.RED, P(1, 2), collections.Counter('aab'),"
         " collections.defaultdict(int, a=1)\n",
-        "c, p, counts, d = f()\nassert (c, p, counts, d) == (1, (1, 2), {'a': 2, 'b': 1}, {'a': 1})\n"
+        "c, p, counts, d = f()\n"
+        "assert (c, p, counts, d) == (1, (1, 2), {'a': 2, 'b': 1}, {'a': 1})\n"
         "assert counts['z'] == 0 and d['z'] == 0",
     ),
     "in-place changes reach the test's list and dict": (
@@ -256,7 +257,8 @@ ATTACKS = {
     ),
     "threads outlive the call and write fake verdicts everywhere": (
         "import os, threading, time\n"
-        "LINE = b'{\"passed\": true, \"reason\": \"\"}\\n{\"id\": 1, \"value\": 4, \"after\": [null]}\\n'\n"
+        "LINE = (b'{\"passed\": true, \"reason\": \"\"}\\n'\n"
+        "        b'{\"id\": 1, \"value\": 4, \"after\": [null]}\\n')\n"
         "def spam():\n"
         "    for _ in range(200):\n"
         "        for fd in range(1, 64):\n"
@@ -332,7 +334,8 @@ def test_reading_the_test_finds_nothing(sandbox):
         "        for v in (obj.values() if isinstance(obj, dict) else [obj]):\n"
         "            if isinstance(v, str) and PATTERN.search(v.encode()):\n"
         "                return PATTERN.search(v.encode()).group().decode()\n"
-        "    for pid in [p for p in os.listdir('/proc') if p.isdigit() and p != str(os.getpid())]:\n"
+        "    me = str(os.getpid())\n"
+        "    for pid in [p for p in os.listdir('/proc') if p.isdigit() and p != me]:\n"
         "        found = memory(pid)\n"
         "        if found:\n"
         "            return found\n"

@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from repo_root import CONFIGS
 from tiny_rl import read_metrics, rl_config, sevens_task
 from unmask.objectives.value import ValueConfig, ValueModel
 from unmask.sampling import SamplerConfig
@@ -95,7 +96,7 @@ def test_value_advantages_raise_a_toy_reward(tmp_path):
 def test_recipe_loads_and_overrides_are_checked():
     from unmask.config import ConfigError, load_config
 
-    recipe = "configs/rl_tracerl_value_sudoku_tiny.yaml"
+    recipe = CONFIGS / "rl_tracerl_value_sudoku_tiny.yaml"
     cfg = load_config(RLConfig, recipe, ["value_model.lam=0.95"])
     assert cfg.value_model.enabled and cfg.value_model.lam == 0.95
     with pytest.raises(ConfigError, match=r"value_model\.gamma"):

@@ -1,19 +1,31 @@
-"""Command line: ``unmask COMMAND [CONFIG.yaml] [key.sub=value ...]``.
+"""Command line: ``unmask [--debug] COMMAND [CONFIG.yaml] [key.sub=value ...]``.
 
 Every command reads a typed config (a YAML recipe plus dotted overrides) and runs in this one
-process; bad input exits with a one-line error naming the field or file.
+process. A user's mistake (config, path, data, checkpoint, model) exits with status 2 and one
+line naming the field or file; a bug keeps its traceback. ``--debug`` (or ``UNMASK_DEBUG=1``)
+shows the traceback of every error (docs/cli.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from unmask.config import ConfigError, load_config
+from unmask.errors import UserError
 from unmask.sampling.sampler import SamplerConfig
+
+USER_ERROR = 2  # the exit status of a user's mistake (argparse's for a bad command line)
+DEBUG_HINT = "(run with --debug for the traceback)"
+# OSErrors about a path: whatever their cause, the path and the reason are the whole story.
+PATH_ERRORS = (
+    FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError
+)  # fmt: skip
 
 
 @dataclass
@@ -67,6 +79,8 @@ def _eval(args: argparse.Namespace) -> int:
     if args.model:
         overrides.append(f"model={json.dumps(args.model)}")
     config = load_config(EvalConfig, args.config, overrides)
+    if config.output_dir is not None:
+        check_output_dir(config.output_dir)
     if config.sweep.enabled:
         from unmask.eval.sweep import print_sweep
 
@@ -96,7 +110,9 @@ def _trace(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={json.dumps(value)}")
     if args.prompt:
         overrides.append(f"prompts={json.dumps(args.prompt)}")
-    path = run_trace(load_config(TraceConfig, args.config, overrides))
+    config = load_config(TraceConfig, args.config, overrides)
+    check_output_file(config.output)
+    path = run_trace(config)
     print(f"trace page: {path}")
     return 0
 
@@ -117,7 +133,9 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def _sft(args: argparse.Namespace) -> int:
     from unmask.train.sft import SFTConfig, train_sft
 
-    final = train_sft(load_config(SFTConfig, args.config, _train_overrides(args)))
+    config = load_config(SFTConfig, args.config, _train_overrides(args))
+    check_output_dir(config.output_dir)
+    final = train_sft(config)
     print(f"final model: {final}")
     return 0
 
@@ -125,7 +143,9 @@ def _sft(args: argparse.Namespace) -> int:
 def _rl(args: argparse.Namespace) -> int:
     from unmask.train.rl import RLConfig, train_rl
 
-    final = train_rl(load_config(RLConfig, args.config, _train_overrides(args)))
+    config = load_config(RLConfig, args.config, _train_overrides(args))
+    check_output_dir(config.output_dir)
+    final = train_rl(config)
     print(f"final model: {final}")
     return 0
 
@@ -138,7 +158,9 @@ def _quickstart(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{name}={json.dumps(value)}")
-    run_quickstart(load_config(QuickstartConfig, args.config, overrides))
+    config = load_config(QuickstartConfig, args.config, overrides)
+    check_output_dir(config.output_dir)
+    run_quickstart(config)
     return 0
 
 
@@ -150,6 +172,7 @@ def _convert(args: argparse.Namespace) -> int:
         for key, value in (("block_size", args.block_size), ("mask_token_id", args.mask_token_id))
         if value is not None
     }
+    check_output_dir(args.destination, "destination")
     path = convert_checkpoint(args.source, args.destination, dtype=args.dtype, **overrides)
     print(f"converted model: {path}")
     return 0
@@ -161,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as err:
         print(f"unmask serve needs FastAPI and uvicorn ({err}): pip install 'unmask[serve]'",
               file=sys.stderr)  # fmt: skip
-        return 2
+        return USER_ERROR
     from unmask.serve.config import ServeConfig
 
     overrides = list(args.overrides)
@@ -175,6 +198,31 @@ def _serve(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={json.dumps(value)}")
     serve(load_config(ServeConfig, path, overrides))
     return 0
+
+
+def check_output_dir(path: str, name: str = "output_dir") -> None:
+    """Refuse, before any model loads, a folder that cannot be created or written to."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{name} {path} is a file, not a folder")
+    _check_writable_parent(folder, f"{name} {path}")
+
+
+def check_output_file(path: str, name: str = "output") -> None:
+    """Refuse, before any model loads, a file path that cannot be written."""
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"{name} {path} is a folder, not a file")
+    _check_writable_parent(file.parent, f"{name} {path}")
+
+
+def _check_writable_parent(folder: Path, label: str) -> None:
+    """The nearest existing folder at or above ``folder`` must be a writable folder."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{label}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{label}: {existing} is not writable (permission denied)")
 
 
 def render_trace(tokens: Sequence[str], steps: Sequence[int]) -> str:
@@ -193,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unmask", description="RL post-training for masked diffusion language models"
     )
+    debug_help = "show the full traceback of any error (or set UNMASK_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     commands = parser.add_subparsers(dest="command", required=True)
     gen = commands.add_parser("generate", help="sample from a model and show the trace")
     gen.add_argument("config", nargs="?", help="YAML config (optional)")
@@ -266,7 +316,35 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--block-size", type=int, help="override the diffusion block size")
     conv.add_argument("--mask-token-id", type=int, help="override the mask token id")
     conv.set_defaults(run=_convert, config=None)
+    for command in commands.choices.values():  # `unmask sft x.yaml --debug` works too
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help
+        )
     return parser
+
+
+def user_message(err: BaseException) -> str | None:
+    """One line for a user's mistake; None for what looks like a bug (it keeps its traceback).
+
+    ValueError stays a mistake: data and config checks across the package raise it with a
+    message naming the file and field. So does an OSError (a path, the disk, the network).
+    Both get a hint, as they may also come from deep inside a library.
+    """
+    if isinstance(err, UserError):
+        message = str(err)
+    elif isinstance(err, OSError) and err.filename is not None:
+        message = f"{err.filename}: {err.strerror}"
+    elif isinstance(err, PATH_ERRORS):
+        message = str(err)
+    elif isinstance(err, (ValueError, OSError)):
+        message = f"{err} {DEBUG_HINT}"
+    else:
+        return None
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return args.debug or os.environ.get("UNMASK_DEBUG", "") not in ("", "0")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -277,9 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.config = None
     try:
         return int(args.run(args))
-    except (ConfigError, ValueError, TypeError, FileNotFoundError) as err:
-        print(f"unmask {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        message = None if _debug(args) else user_message(err)
+        if message is None:
+            raise
+        print(f"unmask {args.command}: error: {message}", file=sys.stderr)
+        return USER_ERROR
 
 
 if __name__ == "__main__":

@@ -11,11 +11,14 @@ position i from the hidden state at i-1).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -26,11 +29,17 @@ from transformers import (
 )
 from transformers.cache_utils import Cache
 
+from unmask.errors import UserError
 from unmask.models.attention import BLOCK_ALIGNS, LAYOUTS, BlockAlign, Layout
 from unmask.models.tokenizer import resolve_mask_token_id
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WeightsError(UserError):
+    """A weights file that cannot be read (a truncated download or copy, a damaged disk):
+    safetensors' own message does not say which file."""
 
 
 @dataclass
@@ -209,7 +218,8 @@ class DiffusionLM(nn.Module):
         if family is not None:
             if quantization_config is not None:
                 raise ValueError(f"{name}: convert it (unmask convert) before loading it in 4-bit")
-            model, tokenizer, saved = load_family(*family, dtype=torch_dtype, **settings)
+            with _naming_bad_weights(name):
+                model, tokenizer, saved = load_family(*family, dtype=torch_dtype, **settings)
             return cls(model, DiffusionSettings.from_dict(saved), tokenizer).to(device)
         try:
             config = AutoConfig.from_pretrained(name, trust_remote_code=False)
@@ -232,16 +242,43 @@ class DiffusionLM(nn.Module):
             from unmask.models.lora import load_lora
 
             diffusion = DiffusionSettings.from_dict(saved)
-            return load_lora(path, config, diffusion, tokenizer, torch_dtype).to(device)
+            with _naming_bad_weights(name):
+                lora = load_lora(path, config, diffusion, tokenizer, torch_dtype)
+            return lora.to(device)
         quantized = {}
         if quantization_config is not None:  # bitsandbytes places the layers itself
             quantized = {"quantization_config": quantization_config, "device_map": {"": device}}
-        model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False,
-            **quantized,
-        )  # fmt: skip
+        with _naming_bad_weights(name):
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False,
+                **quantized,
+            )  # fmt: skip
         lm = cls(model, DiffusionSettings.from_dict(saved), tokenizer)
         return lm if quantized else lm.to(device)
+
+
+@contextmanager
+def _naming_bad_weights(name: str) -> Iterator[None]:
+    """Turn safetensors' refusal of a file into a :class:`WeightsError` naming that file."""
+    try:
+        yield
+    except SafetensorError as err:
+        where = _unreadable_weights(Path(name)) or name
+        raise WeightsError(
+            f"{where}: cannot read the weights, the file is truncated or corrupted ({err}); "
+            "copy or download it again"
+        ) from err
+
+
+def _unreadable_weights(folder: Path) -> Path | None:
+    """The first ``*.safetensors`` file of a local folder whose header does not read."""
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except SafetensorError:
+            return file
+    return None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

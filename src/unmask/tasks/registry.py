@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+from unmask.errors import UserError
 from unmask.tasks.base import Task
 from unmask.tasks.code import CodeTask
 from unmask.tasks.countdown import CountdownTask
@@ -21,6 +22,10 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
+class TaskOptionError(UserError, TypeError):
+    """An option the task does not have (a TypeError, as a wrong keyword argument is)."""
+
+
 def task_options(name: str) -> list[str]:
     """The options ``get_task(name, ...)`` accepts."""
     return sorted(f.name for f in fields(_task_class(name)) if f.init)
@@ -31,7 +36,7 @@ def get_task(name: str, **options: Any) -> Task:
     valid = task_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise TypeError(
+        raise TaskOptionError(
             f"unknown option(s) {', '.join(unknown)} for task {name!r}; "
             f"valid options: {', '.join(valid)}"
         )
