@@ -1,5 +1,6 @@
-"""Checkpoints: exact round trip, pruning, atomic saves, refusal of partial or corrupt folders;
-the metrics writer."""
+"""Checkpoints: exact round trip, pruning, atomic saves, refusal of partial or corrupt folders
+(SHA-256 digests catch same-size damage, on resume and when a model folder is loaded); the
+metrics writer."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from unmask.integrity import file_sha256, verify_model_folder
 from unmask.models import DiffusionLM, from_preset
 from unmask.train.checkpoint import (
     CheckpointError,
@@ -19,6 +21,7 @@ from unmask.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    save_model,
 )
 from unmask.train.metrics import MetricsWriter, read_metrics
 
@@ -154,3 +157,87 @@ def test_metrics_jsonl_and_resume_truncation(tmp_path, caplog):
     with pytest.raises(ValueError, match="unknown reporter"):
         MetricsWriter(tmp_path, report_to=["mlflow"])
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["step"] == 1
+
+
+def _flip_byte(path):
+    """Same-size damage: invert the middle byte (inside the tensors of a weights file)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_manifest_digests_are_those_of_the_written_files(tmp_path):
+    model, optimizer, scheduler = _setup()
+    _train_step(model, optimizer, scheduler)
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    manifest = json.loads((path / "checkpoint.json").read_text())
+    # hashed while written (optimizer, scheduler, rng, trainer state) or right after (the rest)
+    assert set(manifest["sha256"]) == set(manifest["files"]) >= {
+        "model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pt",
+        "trainer_state.json",
+    }  # fmt: skip
+    for name, digest in manifest["sha256"].items():
+        assert file_sha256(path / name) == digest, name
+
+
+@pytest.mark.parametrize("damage", ["flip_weights", "zero_optimizer"])
+def test_same_size_corruption_is_refused_on_resume(tmp_path, damage):
+    model, optimizer, scheduler = _setup()
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    if damage == "flip_weights":
+        name = "model.safetensors"
+        _flip_byte(path / name)
+    else:
+        name = "optimizer.pt"
+        data = bytearray((path / name).read_bytes())
+        data[-600:-100] = bytes(500)  # a zeroed block, as a bad disk sector leaves it
+        (path / name).write_bytes(bytes(data))
+    before = model.model.lm_head.weight.clone()
+    with pytest.raises(CheckpointError, match="SHA-256 mismatch") as err:
+        load_checkpoint(path, model, optimizer, scheduler)
+    assert f"{path / name}: SHA-256 mismatch" in str(err.value)
+    assert torch.equal(model.model.lm_head.weight, before)  # nothing was loaded
+
+
+def test_a_corrupted_model_folder_is_refused_when_loaded(tmp_path):
+    model, optimizer, scheduler = _setup()
+    checkpoint = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    final = save_model(model, tmp_path / "final")  # what the trainers write at the end
+    assert (final / "checkpoint.json").is_file()
+    for folder in (checkpoint, final):
+        verify_model_folder(folder)  # intact: accepted
+        _flip_byte(folder / "model.safetensors")
+        with pytest.raises(CheckpointError, match=r"model\.safetensors: SHA-256 mismatch") as err:
+            verify_model_folder(folder)
+        assert "delete" in str(err.value)  # loading a model: the manifest is optional
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)  # no manifest (a hub download, another tool): loads as it is
+    verify_model_folder(bare)
+
+
+def test_old_manifests_and_disabled_checksums_check_sizes_only(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _setup()
+    path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    manifest_path = path / "checkpoint.json"
+    manifest = json.loads(manifest_path.read_text())
+    _flip_byte(path / "model.safetensors")  # a weight's byte: still loads, changed
+    monkeypatch.setenv("UNMASK_VERIFY_CHECKSUMS", "0")
+    assert load_checkpoint(path, model, optimizer, scheduler)["step"] == 1
+    monkeypatch.delenv("UNMASK_VERIFY_CHECKSUMS")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        load_checkpoint(path, model, optimizer, scheduler)
+    del manifest["sha256"]  # a manifest written before digests existed
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_checkpoint(path, model, optimizer, scheduler)["step"] == 1
+    verify_model_folder(path)
+    (path / "optimizer.pt").write_bytes(b"short")
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt has 5 bytes"):
+        verify_model_folder(path)
+
+
+def test_a_resume_that_found_no_checkpoint_starts_a_new_metrics_file(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in (0, 1, 2):  # an attempt killed before its first checkpoint
+        writer.log(step, {"loss": 1.0})
+    MetricsWriter(tmp_path, resume_step=0).log(0, {"eval/accuracy": 0.5})
+    assert read_metrics(tmp_path) == [{"step": 0, "eval/accuracy": 0.5}]

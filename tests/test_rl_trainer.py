@@ -1,10 +1,12 @@
-"""The RL loop: it learns, resumes exactly, survives unscorable rewards and non-finite updates."""
+"""The RL loop: it learns, resumes exactly (a resume with no checkpoint yet starts over),
+survives unscorable rewards and non-finite updates."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from repo_root import CONFIGS
 from tiny_rl import read_metrics, rl_config, sevens_task
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
@@ -42,9 +44,12 @@ def test_objectives_run_in_the_loop(tmp_path, objective):
 
 
 def test_resume_continues_exactly(tmp_path):
-    straight = RLTrainer(rl_config(tmp_path, "straight", max_steps=4), task=sevens_task())
+    # logged at steps 3 and 4, saved at 2: the first line after the resume is off the save step
+    cfg = rl_config(tmp_path, "straight", max_steps=4, log_every=3)
+    straight = RLTrainer(cfg, task=sevens_task())
     straight.train()
-    first = RLTrainer(rl_config(tmp_path, "resumed", max_steps=4, save_every=2), task=sevens_task())
+    cfg = rl_config(tmp_path, "resumed", max_steps=4, save_every=2, log_every=3)
+    first = RLTrainer(cfg, task=sevens_task())
     step = first.step
 
     def interrupted():  # killed while sampling step 3, after step 2's checkpoint
@@ -56,16 +61,27 @@ def test_resume_continues_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         first.train()
     assert latest_checkpoint(tmp_path / "resumed").name.endswith("2")
-    cfg = rl_config(tmp_path, "resumed", max_steps=4, resume="latest")
+    cfg = rl_config(tmp_path, "resumed", max_steps=4, log_every=3, resume="latest")
     resumed = RLTrainer(cfg, task=sevens_task())
     resumed.train()
     for (name, a), b in zip(
         straight.core.state_dict().items(), resumed.core.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    assert [m["reward"] for m in read_metrics(tmp_path / "straight")] == [
-        m["reward"] for m in read_metrics(tmp_path / "resumed")
+    # every logged value but the wall-clock ones (``*_s``) is exactly equal
+    untimed = [
+        [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(tmp_path / n)]
+        for n in ("straight", "resumed")
     ]
+    assert [m["step"] for m in untimed[1]] == [3, 4]
+    assert untimed[0] == untimed[1]
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, caplog):
+    cfg = rl_config(tmp_path, max_steps=1, resume="latest")
+    assert RLTrainer(cfg, task=sevens_task()).train().is_dir()
+    assert "no checkpoint in" in caplog.text
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == [1]
 
 
 def test_unscorable_rewards_are_left_out(tmp_path, caplog):
@@ -131,7 +147,7 @@ def test_rl_cli_runs_a_recipe_and_resumes(tmp_path, capsys):
 
     args = [
         "rl",
-        "configs/rl_agrpo_sudoku_tiny.yaml",
+        str(CONFIGS / "rl_agrpo_sudoku_tiny.yaml"),
         "model=nano-block",
         f"output_dir={tmp_path / 'cli'}",
         "max_steps=2",
@@ -147,5 +163,5 @@ def test_rl_cli_runs_a_recipe_and_resumes(tmp_path, capsys):
     assert main(args) == 2  # the folder has checkpoints: refused without --resume
     assert "resume" in capsys.readouterr().err
     assert main([*args, "max_steps=3", "--resume"]) == 0
-    assert main(["rl", "configs/rl_agrpo_sudoku_tiny.yaml", "lr=fast"]) == 2
+    assert main(["rl", str(CONFIGS / "rl_agrpo_sudoku_tiny.yaml"), "lr=fast"]) == 2
     assert "lr must be a number" in capsys.readouterr().err

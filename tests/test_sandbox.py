@@ -240,25 +240,28 @@ ATTACKS = {
         "    __hash__ = int.__hash__\n"
         "def f(x):\n    return Yes(0)\n"
     ),
-    "builtins patched": WRONG + (
+    "builtins patched": WRONG
+    + (
         "import builtins\n"
         "class Never(Exception):\n    pass\n"
         "builtins.AssertionError = Never\nbuiltins.isinstance = lambda *a: True\n"
         "builtins.len = lambda *a: 0\n"
     ),
-    "atexit exits 0 and prints success": WRONG + (
+    "atexit exits 0 and prints success": WRONG
+    + (
         "import atexit, os\n"
-        "atexit.register(lambda: (print('{\"passed\": true, \"reason\": \"\"}'), os._exit(0)))\n"
+        'atexit.register(lambda: (print(\'{"passed": true, "reason": ""}\'), os._exit(0)))\n'
     ),
-    "signal handlers ignore the kill": WRONG + (
+    "signal handlers ignore the kill": WRONG
+    + (
         "import signal\n"
         "for s in (signal.SIGTERM, signal.SIGXCPU, signal.SIGINT, signal.SIGHUP):\n"
         "    signal.signal(s, signal.SIG_IGN)\n"
     ),
     "threads outlive the call and write fake verdicts everywhere": (
         "import os, threading, time\n"
-        "LINE = (b'{\"passed\": true, \"reason\": \"\"}\\n'\n"
-        "        b'{\"id\": 1, \"value\": 4, \"after\": [null]}\\n')\n"
+        'LINE = (b\'{"passed": true, "reason": ""}\\n\'\n'
+        '        b\'{"id": 1, "value": 4, "after": [null]}\\n\')\n'
         "def spam():\n"
         "    for _ in range(200):\n"
         "        for fd in range(1, 64):\n"
@@ -270,14 +273,16 @@ ATTACKS = {
         "    time.sleep(0.05)\n"
         "    return 0\n"
     ),
-    "fake verdicts printed": WRONG + (
+    "fake verdicts printed": WRONG
+    + (
         "import sys\n"
         "for line in ('PASSED', '{\"passed\": true, \"reason\": \"\"}', 'ok', '\\n' + '0' * 32):\n"
         "    print(line)\n    print(line, file=sys.stderr)\n"
     ),
     "raises SystemExit(0)": "def f(x):\n    raise SystemExit(0)\n",
     "exits 0 at import": WRONG + "import os\nos._exit(0)\n",
-    "kills every other process it can see": WRONG + (
+    "kills every other process it can see": WRONG
+    + (
         "import os, signal\n"
         "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()]:\n"
         "    if pid != os.getpid():\n"

@@ -1,4 +1,5 @@
-"""The SFT trainer: resume continues exactly, bad checkpoints are refused, the CLI runs."""
+"""The SFT trainer: resume continues (and logs) exactly, bad checkpoints are refused, a resume
+with no checkpoint yet starts over, non-finite updates are skipped, the CLI runs."""
 
 from __future__ import annotations
 
@@ -61,19 +62,29 @@ def _train_until_checkpoint(config, pairs, stop_at):
         trainer.train()
 
 
+def _untimed(records):
+    """Metrics lines without the wall-clock ones (``*_s``: seconds, tokens per second)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
 @pytest.mark.parametrize("model", ["nano-block", "nano-full"])
 def test_resume_continues_exactly(tmp_path, model):
     pairs = _pairs()
-    straight = SFTTrainer(_config(tmp_path, "straight", model), pairs=pairs).train()
-    _train_until_checkpoint(_config(tmp_path, "resumed", model), pairs, stop_at=3)
-    resumed = SFTTrainer(_config(tmp_path, "resumed", model, resume="latest"), pairs=pairs).train()
+    # logged every 2 steps, saved at step 3: the checkpoint holds half a logging window
+    straight = SFTTrainer(_config(tmp_path, "straight", model, log_every=2), pairs=pairs).train()
+    _train_until_checkpoint(_config(tmp_path, "resumed", model, log_every=2), pairs, stop_at=3)
+    config = _config(tmp_path, "resumed", model, log_every=2, resume="latest")
+    resumed = SFTTrainer(config, pairs=pairs).train()
     a, b = DiffusionLM.from_pretrained(straight), DiffusionLM.from_pretrained(resumed)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(x, y), name
-    # the metrics read as one run: the resumed run's lines replace nothing and repeat nothing
+    # the metrics read as one run: the resumed run's lines replace nothing and repeat nothing,
+    # and its first line (step 4) averages steps 3 and 4 as the uninterrupted run's does:
+    # every logged value is exactly equal, not merely close
     la, lb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
-    assert [r["step"] for r in lb] == list(range(1, 7))
-    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["step"] for r in lb] == [2, 4, 6]
+    assert _untimed(la) == _untimed(lb)
+    assert lb[-1]["elapsed_s"] > lb[0]["elapsed_s"]  # training time counts across the resume
 
 
 def test_corrupt_checkpoint_is_refused_and_the_previous_one_kept(tmp_path):
@@ -112,8 +123,11 @@ def test_cli_runs_a_task_and_reports_errors(tmp_path, capsys):
     records = read_metrics(tmp_path / "cli")
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[1])
     assert "eval/accuracy" in records[0] and "eval/sudoku_cells" in records[-1]
-    assert main(["sft", str(config), "--resume", "max_steps=3"]) == 2  # no checkpoint there
+    # no checkpoint there: --resume starts over (a requeued job may not have saved yet)
+    assert main(["sft", str(config), "--resume", "max_steps=3"]) == 0
     assert "no checkpoint" in capsys.readouterr().err
+    # one run's lines, the first attempt's dropped: evals at 0, 2, 3; a train line at 3
+    assert [r["step"] for r in read_metrics(tmp_path / "cli")] == [0, 2, 3, 3]
     assert main(["sft", str(config), "objective=random_mask"]) == 2
     assert "does not fit a 'block' model" in capsys.readouterr().err
 
@@ -140,3 +154,70 @@ def test_block_size_adaptation_trains_and_saves_the_new_block(tmp_path, monkeypa
     assert rollout.block_length == 8
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         _config(tmp_path, "bad", "nano-block", block_size=0)
+
+
+def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, caplog, capsys):
+    run = tmp_path / "requeued"
+    run.mkdir()
+    # what an attempt killed before its first checkpoint leaves behind
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
+    config = _config(tmp_path, "requeued", "nano-block", resume="latest", max_steps=2)
+    assert SFTTrainer(config, pairs=_pairs()).train().is_dir()
+    notice = "no checkpoint in"
+    assert notice in caplog.text and notice in capsys.readouterr().err  # logged and printed
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == [1, 2] and records[0]["loss"] != 9.0
+    missing = _config(tmp_path, "other", "nano-block", resume=str(run / "nope"))
+    with pytest.raises(CheckpointError, match="does not exist"):  # a named folder must exist
+        SFTTrainer(missing, pairs=_pairs()).train()
+
+
+def test_a_non_finite_update_is_skipped_and_training_continues(tmp_path, monkeypatch):
+    import unmask.train.sft as sft
+
+    real, calls = sft.sft_loss, []
+
+    def nan_at_step_2(*args, **kwargs):  # grad_accum 2: calls 3 and 4 are step 2's
+        out = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) in (3, 4):
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(sft, "sft_loss", nan_at_step_2)
+    trainer = SFTTrainer(_config(tmp_path, "nan", "nano-block", max_steps=3), pairs=_pairs())
+    weights, step = [], trainer._step
+
+    def recorded(n):
+        out = step(n)
+        weights.append({k: v.clone() for k, v in trainer.core.state_dict().items()})
+        return out
+
+    trainer._step = recorded
+    trainer.train()
+    after_1, after_2, after_3 = weights
+    for name, value in after_2.items():
+        assert torch.equal(value, after_1[name]), name  # step 2 changed nothing
+        assert torch.isfinite(value).all(), name
+    assert any(not torch.equal(v, after_2[k]) for k, v in after_3.items())  # step 3 trained
+    records = read_metrics(tmp_path / "nan")
+    assert [r.get("skipped_updates") for r in records] == [None, 1, None]  # RL's metric name
+    assert records[1]["loss"] is None  # the NaN, logged as null
+
+
+def test_repeated_non_finite_updates_stop_the_run(tmp_path, monkeypatch):
+    import unmask.train.sft as sft
+
+    real = sft.sft_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(sft, "sft_loss", poisoned)
+    config = _config(tmp_path, "diverged", "nano-block", max_bad_steps=2, log_every=5)
+    with pytest.raises(RuntimeError, match="2 updates in a row"):
+        SFTTrainer(config, pairs=_pairs()).train()
+    last = read_metrics(tmp_path / "diverged")[-1]  # logged before stopping, off-schedule
+    assert (last["step"], last["skipped_updates"]) == (2, 2)

@@ -30,6 +30,7 @@ from transformers import (
 from transformers.cache_utils import Cache
 
 from unmask.errors import UserError
+from unmask.integrity import verify_model_folder
 from unmask.models.attention import BLOCK_ALIGNS, LAYOUTS, BlockAlign, Layout
 from unmask.models.tokenizer import resolve_mask_token_id
 
@@ -201,6 +202,8 @@ class DiffusionLM(nn.Module):
         ``block_size``). A checkpoint without saved settings needs ``mask_token_id`` and
         ``layout`` here, or a conversion first. A LoRA folder (``unmask.models.lora``) loads
         with its adapters. ``quantization_config`` (4-bit bases) needs a native checkpoint.
+        A folder with a ``checkpoint.json`` manifest (trainer checkpoints, ``final/``,
+        ``unmask convert`` output) is verified first: a changed file is a ``CheckpointError``.
         """
         from unmask.models.presets import PRESETS, from_preset
 
@@ -212,6 +215,7 @@ class DiffusionLM(nn.Module):
         path = Path(name)
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a model folder")
+        verify_model_folder(path)  # a folder with checkpoint.json: sizes and SHA-256 checked
         from unmask.models.convert import find_family_checkpoint, load_family
 
         family = find_family_checkpoint(name)  # LLaDA, Dream, SDAR...: converted on the fly

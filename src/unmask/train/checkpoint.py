@@ -4,13 +4,17 @@ A checkpoint is ``RUN_DIR/checkpoints/step-00000100/``: the model folder that
 ``save_pretrained`` writes (config, safetensors, tokenizer: loadable with
 ``DiffusionLM.from_pretrained``), plus ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pt``
 (python, numpy, torch and named generators, one entry per rank), ``trainer_state.json`` (the
-step and the trainer's own state, e.g. the data position) and, written last,
-``checkpoint.json``: the manifest of every file with its size.
+step and the trainer's own state, e.g. the data position and the metrics window) and, written
+last, ``checkpoint.json``: the manifest of every file with its size and SHA-256
+(:mod:`unmask.integrity`: the files written here are hashed while written, those
+``save_pretrained`` writes right after, while page-cache hot).
 
 Saving writes into a hidden temporary folder next to the final one, fsyncs every file and the
 folder, then renames it into place: a crash leaves the previous checkpoints untouched and at
 most a ``.tmp-*`` folder, which the next save removes. Loading checks the manifest first, so a
-partial or corrupted folder is refused with the folder and the missing or truncated file named.
+partial, truncated or corrupted folder is refused, naming the folder and the file, before
+anything is changed. :func:`save_model` writes the same manifest into a model folder (a
+trainer's ``final/``), so loading it can be verified too.
 """
 
 from __future__ import annotations
@@ -26,23 +30,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
+
+# CheckpointError lives with the manifests so models can raise it; it is re-exported here.
+from unmask.integrity import CheckpointError, verify_manifest, write_hashed, write_manifest
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 PREFIX = "step-"
-MANIFEST = "checkpoint.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER = "optimizer.pt"
 SCHEDULER = "scheduler.pt"
 RNG_STATE = "rng_state.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that is missing, partial or does not fit the model."""
 
 
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
@@ -117,14 +120,13 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
 
     _save_pretrained(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+    digests = {OPTIMIZER: _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)}
     if scheduler is not None:
-        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-    torch.save(list(rng_states or [capture_rng_state()]), tmp / RNG_STATE)
-    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **extra}, indent=2) + "\n")
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    manifest = {"step": step, "files": files}
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        digests[SCHEDULER] = _torch_save(scheduler.state_dict(), tmp / SCHEDULER)
+    digests[RNG_STATE] = _torch_save(list(rng_states or [capture_rng_state()]), tmp / RNG_STATE)
+    state = (json.dumps({"step": step, **extra}, indent=2) + "\n").encode()
+    digests[TRAINER_STATE] = write_hashed(tmp / TRAINER_STATE, lambda f: f.write(state))
+    write_manifest(tmp, digests, step=step)
     _fsync_tree(tmp)
     _replace_dir(tmp, final)
     if keep_last is not None:
@@ -134,43 +136,17 @@ def save_checkpoint(
 
 
 def save_model(model: nn.Module, path: str | Path) -> Path:
-    """``save_pretrained`` into ``path`` atomically (temporary sibling, fsync, rename)."""
+    """``save_pretrained`` into ``path`` atomically (temporary sibling, fsync, rename), with a
+    manifest of sizes and SHA-256 digests so that loading it can detect corruption."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     _save_pretrained(model, tmp)
+    write_manifest(tmp)
     _fsync_tree(tmp)
     _replace_dir(tmp, path)
     return path
-
-
-def validate_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The manifest of a complete checkpoint; :class:`CheckpointError` naming the folder and
-    the file otherwise."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(
-            f"checkpoint {path} is incomplete: {MANIFEST} is missing (an interrupted save?)"
-        )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = dict(manifest["files"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is unreadable ({err})") from err
-    for name, size in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint {path} is corrupt: {name} has {file.stat().st_size} bytes, "
-                f"the manifest says {size}"
-            )
-    return manifest
 
 
 def load_checkpoint(
@@ -185,11 +161,12 @@ def load_checkpoint(
 
     A rank the checkpoint has no random state for (resuming on more processes than saved) keeps
     its freshly seeded streams. Returns the trainer state: ``{"step": ..., **extra_state}``.
-    The folder is validated first, so nothing is changed when it is incomplete.
-    ``rng_state.pt`` is unpickled: load only checkpoints you wrote.
+    The folder is verified against its manifest first (sizes and SHA-256 digests:
+    :func:`unmask.integrity.verify_manifest`), so nothing is changed when it is incomplete or
+    corrupted. ``rng_state.pt`` is unpickled: load only checkpoints you wrote.
     """
     path = Path(path)
-    manifest = validate_checkpoint(path)
+    manifest = verify_manifest(path)
     load_model_weights(model, path)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
@@ -221,7 +198,11 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path} has no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except SafetensorError as err:
+            message = f"{file}: truncated or corrupted safetensors file ({err})"
+            raise CheckpointError(message) from err
     inner = getattr(model, "model", None)
     for target in (model, inner):
         if not isinstance(target, nn.Module):
@@ -249,6 +230,11 @@ def _save_pretrained(model: nn.Module, path: Path) -> None:
     finally:
         if shown:
             hf_logging.enable_progress_bar()
+
+
+def _torch_save(obj: Any, path: Path) -> str:
+    """``torch.save`` hashing the bytes as they are written; returns their SHA-256."""
+    return write_hashed(path, lambda f: torch.save(obj, f))
 
 
 def _step_of(path: Path) -> int | None:

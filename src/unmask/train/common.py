@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -162,11 +164,13 @@ class BatchStream:
         return torch.randperm(self.size, generator=g).tolist()
 
 
-def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Path | None:
+def checkpoint_to_resume(output_dir: Path, resume: str | None, main: bool = True) -> Path | None:
     """The checkpoint ``resume`` names (``latest`` or a folder), or None for a fresh run.
 
     A fresh run into a folder that already holds checkpoints is refused: it would silently
-    mix two runs' metrics and checkpoints.
+    mix two runs' metrics and checkpoints. ``resume=latest`` with no checkpoint yet starts
+    from step 0 with a notice (on the ``main`` process), so a cluster's requeue loop can
+    always pass ``--resume``.
     """
     if resume is None:
         existing = latest_checkpoint(output_dir)
@@ -177,9 +181,64 @@ def checkpoint_to_resume(output_dir: Path, resume: str | None) -> Path | None:
             )
         return None
     path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-    if path is None:
-        raise ValueError(f"resume=latest: no checkpoint in {output_dir / 'checkpoints'}")
+    if path is None and main:
+        notice(f"resume=latest: no checkpoint in {output_dir / 'checkpoints'} yet; "
+               "starting from step 0")  # fmt: skip
     return path
+
+
+def notice(message: str) -> None:
+    """A warning the user must see: logged, and printed to stderr unless logging has no
+    handler at all (Python's last-resort handler prints it there already)."""
+    logger.warning(message)
+    if logger.hasHandlers():
+        print(message, file=sys.stderr)
+
+
+def on_any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process, so that all of them take the same branch."""
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(
+        torch.tensor([float(flag)], device=accelerator.device), reduction="sum"
+    )
+    return bool(count.item() > 0)
+
+
+class UpdateGuard:
+    """Skips an optimizer update whose loss or gradient norm is not finite on any process
+    (all processes skip together, so replicas stay identical and no NaN reaches the weights),
+    and counts such updates in a row: after ``limit`` of them the run is diverging and stops.
+    """
+
+    def __init__(self, accelerator: Any, limit: int) -> None:
+        self.accelerator, self.limit = accelerator, limit
+        self.in_a_row = 0
+
+    def skip(self, loss: float, grad_norm: float, step: int) -> bool:
+        """Whether to skip this update (warns when it does)."""
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if not on_any_process(self.accelerator, bad):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        logger.warning(
+            "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
+            step, loss, grad_norm,
+        )  # fmt: skip
+        return True
+
+    @property
+    def failing(self) -> bool:
+        return self.in_a_row >= self.limit
+
+    def error(self, step: int, output_dir: Path) -> RuntimeError:
+        """What a failing run raises (after logging the step's metrics)."""
+        return RuntimeError(
+            f"stopped at step {step}: {self.in_a_row} updates in a row had a non-finite loss "
+            f"or gradient and were skipped; the last good checkpoint is in "
+            f"{output_dir / 'checkpoints'} (lower lr or check the data and rewards)"
+        )
 
 
 def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:

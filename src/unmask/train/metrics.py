@@ -2,7 +2,8 @@
 
 One JSON object per logging step, ``{"step": ..., "loss": ..., ...}``, so a run can be plotted
 or compared with nothing but the standard library. On resume the lines written after the
-checkpoint's step are dropped, so the file reads as one uninterrupted run.
+checkpoint's step are dropped (all of them when a resumed run found no checkpoint and starts
+over), so the file reads as one uninterrupted run.
 
 ``report_to`` uses TRL's names (``tensorboard``, ``wandb``). Neither package is a dependency:
 each is imported only when named, and a missing one is a warning, never an error.
@@ -29,8 +30,9 @@ WANDB_ID_FILE = "wandb_id.txt"  # the W&B run id, so a resumed run continues the
 class MetricsWriter:
     """Append metrics to ``run_dir/metrics.jsonl`` (and to TensorBoard / W&B per ``report_to``).
 
-    ``resume_step`` truncates the file to the lines with ``step <= resume_step``. A writer
-    with ``enabled=False`` (non-main ranks) writes nothing.
+    ``resume_step`` truncates the file to the lines with ``step <= resume_step``; 0 (a
+    resumed run that found no checkpoint) empties it, since step 0's evaluation is logged
+    again. A writer with ``enabled=False`` (non-main ranks) writes nothing.
     """
 
     def __init__(
@@ -93,7 +95,7 @@ class MetricsWriter:
                 step = json.loads(line)["step"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut short by a crash
-            if step <= resume_step:
+            if resume_step > 0 and step <= resume_step:
                 kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(f"{line}\n" for line in kept))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -52,12 +51,14 @@ from unmask.tasks.base import reward_total
 from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
 from unmask.train.common import (
     BatchStream,
+    UpdateGuard,
     adapt_block_size,
     build_optimizer,
     build_task,
     checkpoint_to_resume,
     eval_metrics,
     make_accelerator,
+    on_any_process,
     save_final,
     training_model,
     write_plots,
@@ -243,7 +244,7 @@ class RLTrainer:
             self.token_reward = load_token_reward(cfg.value_model.token_reward)
         self.output_dir = Path(cfg.output_dir)
         self.steps_done = 0
-        self.bad_in_a_row = 0
+        self.guard = UpdateGuard(acc, cfg.max_bad_steps)
 
     # -- the loop --------------------------------------------------------------------------
     def train(self) -> Path:
@@ -265,14 +266,10 @@ class RLTrainer:
             self.steps_done = step - 1
             metrics = self.step()
             last = step == cfg.max_steps or self._out_of_time(began)
-            if self.bad_in_a_row >= cfg.max_bad_steps:
+            if self.guard.failing:
                 writer.log(step, metrics)
                 writer.close()
-                raise RuntimeError(
-                    f"stopped at step {step}: {self.bad_in_a_row} updates in a row had a "
-                    f"non-finite loss or gradient and were skipped; the last good checkpoint "
-                    f"is in {self.output_dir / 'checkpoints'} (lower lr or check the rewards)"
-                )
+                raise self.guard.error(step, self.output_dir)
             if step % cfg.log_every == 0 or last:
                 writer.log(step, metrics)
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.3f}")
@@ -301,15 +298,8 @@ class RLTrainer:
         """Past ``max_time_s`` on any process (all processes stop at the same step)."""
         if self.config.max_time_s is None:
             return False
-        return self._on_any_process(time.perf_counter() - began > self.config.max_time_s)
-
-    def _on_any_process(self, flag: bool) -> bool:
-        """Whether ``flag`` holds on any process, so that all of them take the same branch."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return flag
-        count = acc.reduce(torch.tensor([float(flag)], device=acc.device), reduction="sum")
-        return bool(count.item() > 0)
+        over = time.perf_counter() - began > self.config.max_time_s
+        return on_any_process(self.accelerator, over)
 
     def step(self) -> dict[str, float]:
         """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""
@@ -497,19 +487,11 @@ class RLTrainer:
             grad_norm = acc.clip_grad_norm_(
                 self.model.parameters(), cfg.max_grad_norm or float("inf")
             )
-            bad = not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm)))
-            finite = not self._on_any_process(bad)  # every process steps, or all skip
-            if finite:
-                self.optimizer.step()
-                self.bad_in_a_row = 0
-            else:
-                self.bad_in_a_row += 1
+            if self.guard.skip(loss_sum, float(grad_norm), self.steps_done + 1):
                 totals["skipped_updates"] = totals.get("skipped_updates", 0.0) + 1
                 counts["skipped_updates"] = 1
-                logger.warning(
-                    "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
-                    self.steps_done + 1, loss_sum, float(grad_norm),
-                )  # fmt: skip
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if it == 0:
                 totals["loss"], counts["loss"] = loss_sum, 1
@@ -603,7 +585,7 @@ class RLTrainer:
                 model if self.value is None else _WithValue(model, self.value),
                 self.optimizer,
                 self.scheduler,
-                {"data": self.stream.state_dict()},
+                {"data": self.stream.state_dict(), "skipped_in_a_row": self.guard.in_a_row},
                 rng_states=rng,
                 keep_last=self.config.keep_last,
             )
@@ -611,7 +593,8 @@ class RLTrainer:
         return path
 
     def _resume(self) -> int:
-        path = checkpoint_to_resume(self.output_dir, self.config.resume)
+        acc = self.accelerator
+        path = checkpoint_to_resume(self.output_dir, self.config.resume, acc.is_main_process)
         if path is None:
             return 0
         state = load_checkpoint(
@@ -620,9 +603,10 @@ class RLTrainer:
             self.optimizer,
             self.scheduler,
             generators={"trainer": self.generator},
-            rank=self.accelerator.process_index,
+            rank=acc.process_index,
         )
         self.stream.load_state_dict(state["data"])
+        self.guard.in_a_row = int(state.get("skipped_in_a_row", 0))  # absent in older ones
         if self.value is not None:
             self.value.load_state(path)
         logger.info("resumed from %s at step %d", path, state["step"])

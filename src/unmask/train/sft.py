@@ -7,10 +7,11 @@ launch`` for DDP; a single CPU process here), with AdamW, linear warmup then cos
 gradient accumulation and clipping, and bf16 autocast on GPUs.
 
 Every ``save_every`` steps it writes an atomic checkpoint (:mod:`unmask.train.checkpoint`) with
-the optimizer, scheduler, random states and data position, so a resumed run continues exactly
-as an uninterrupted one would. Metrics go to ``OUTPUT_DIR/metrics.jsonl`` (and TensorBoard
-with ``report_to: [tensorboard]``); the final model is saved to ``OUTPUT_DIR/final`` (merged;
-with LoRA the adapters also stay in ``OUTPUT_DIR/final_lora``).
+the optimizer, scheduler, random states, data position and the metrics window being averaged,
+so a resumed run continues, and logs, exactly as an uninterrupted one would. An update with a
+non-finite loss or gradient is skipped, as in RL. Metrics go to ``OUTPUT_DIR/metrics.jsonl``
+(and TensorBoard with ``report_to: [tensorboard]``); the final model is saved to
+``OUTPUT_DIR/final`` (merged; with LoRA the adapters also stay in ``OUTPUT_DIR/final_lora``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from unmask.sampling.sampler import SamplerConfig, _pad_id
 from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
 from unmask.train.common import (
     BatchStream,
+    UpdateGuard,
     adapt_block_size,
     build_optimizer,
     build_task,
@@ -92,6 +94,8 @@ class SFTConfig:
     ``unmask.models.lora``); the final model is merged. ``gradient_checkpointing`` trades
     compute for activation memory. ``block_size`` trains at another block size than the
     model's own (block-size adaptation, docs/sft.md); the saved model keeps the new one.
+    An update with a non-finite loss or gradient norm is skipped (``skipped_updates``);
+    ``max_bad_steps`` of them in a row stop the run.
     """
 
     model: str = "micro-block"
@@ -118,6 +122,7 @@ class SFTConfig:
     gradient_checkpointing: bool = False
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_last: int = 2
+    max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
     log_every: int = 10
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
@@ -125,7 +130,8 @@ class SFTConfig:
     eval: SFTEval = field(default_factory=SFTEval)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every"):
+        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every",
+                     "max_bad_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.block_size is not None and self.block_size < 1:
@@ -199,6 +205,10 @@ class SFTTrainer:
         self.model, self.optimizer = acc.prepare(self.core, optimizer)
         self.output_dir = Path(cfg.output_dir)
         self._last_lr = cfg.lr
+        self.guard = UpdateGuard(acc, cfg.max_bad_steps)
+        self.window = _Window()  # step statistics since the last logged step; checkpointed
+        self._elapsed_before = 0.0  # training seconds of the run before this process resumed it
+        self._began = time.perf_counter()
 
     # -- the loop --------------------------------------------------------------------------
     def train(self) -> Path:
@@ -216,22 +226,25 @@ class SFTTrainer:
         )
         if cfg.eval.every and start == 0:
             writer.log(0, self.evaluate())
-        window = _Window()
-        began = time.perf_counter()
+        self._began = time.perf_counter()
         for step in range(start + 1, cfg.max_steps + 1):
-            window.add(self._step())
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                metrics = window.flush()
+            self.window.add(self._step(step))
+            failing = self.guard.failing
+            if step % cfg.log_every == 0 or step == cfg.max_steps or failing:
+                metrics = self.window.flush()
                 metrics.update(
                     lr=self._last_lr,
                     epoch=self.stream.epoch,
                     block_size=self.core.block_size,
-                    elapsed_s=time.perf_counter() - began,
+                    elapsed_s=self._elapsed_s(),
                 )
                 writer.log(step, metrics)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
                 )
+            if failing:
+                writer.close()
+                raise self.guard.error(step, self.output_dir)
             bar.update(1)
             if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
                 writer.log(step, self.evaluate())
@@ -247,8 +260,9 @@ class SFTTrainer:
             write_plots(self.output_dir)
         return final
 
-    def _step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns global sums."""
+    def _step(self, step: int) -> dict[str, float]:
+        """Optimizer step ``step`` over ``grad_accum`` micro-batches (skipped when the loss or
+        gradient is not finite); returns global sums."""
         cfg, acc = self.config, self.accelerator
         began = time.perf_counter()
         per_rank = cfg.batch_size * cfg.grad_accum
@@ -291,7 +305,9 @@ class SFTTrainer:
             masked += out.masked_tokens
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
         self._last_lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        skipped = self.guard.skip(loss, float(grad_norm), step)
+        if not skipped:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seq_tokens = sum(int(b.real.sum()) for b in batches)
@@ -305,6 +321,7 @@ class SFTTrainer:
             "completion_tokens": comp_tokens,
             "grad_norm": float(grad_norm),
             "seconds": time.perf_counter() - began,
+            "skipped_updates": float(skipped),
         }
 
     # -- evaluation and checkpoints --------------------------------------------------------
@@ -346,7 +363,13 @@ class SFTTrainer:
                 acc.unwrap_model(self.model),
                 self.optimizer,
                 self.scheduler,
-                {"data": self.stream.state_dict(), "num_rows": len(self.pairs)},
+                {
+                    "data": self.stream.state_dict(),
+                    "num_rows": len(self.pairs),
+                    "metrics_window": self.window.state_dict(),
+                    "elapsed_s": self._elapsed_s(),
+                    "skipped_in_a_row": self.guard.in_a_row,
+                },
                 rng_states=rng,
                 keep_last=self.config.keep_last,
             )
@@ -355,7 +378,8 @@ class SFTTrainer:
 
     def _resume(self) -> int:
         """Load the checkpoint named by ``config.resume``; the step to continue after."""
-        path = checkpoint_to_resume(self.output_dir, self.config.resume)
+        acc = self.accelerator
+        path = checkpoint_to_resume(self.output_dir, self.config.resume, acc.is_main_process)
         if path is None:
             return 0
         state = load_checkpoint(
@@ -364,7 +388,7 @@ class SFTTrainer:
             self.optimizer,
             self.scheduler,
             generators={"noise": self.generator},
-            rank=self.accelerator.process_index,
+            rank=acc.process_index,
         )
         if state["num_rows"] != len(self.pairs):
             raise ValueError(
@@ -372,8 +396,16 @@ class SFTTrainer:
                 f"{len(self.pairs)}: resume with the same data"
             )
         self.stream.load_state_dict(state["data"])
+        # Checkpoints written before these were saved resume with an empty window.
+        self.window.load_state_dict(state.get("metrics_window", []))
+        self._elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.guard.in_a_row = int(state.get("skipped_in_a_row", 0))
         logger.info("resumed from %s at step %d", path, state["step"])
         return int(state["step"])
+
+    def _elapsed_s(self) -> float:
+        """Training seconds so far, across resumes."""
+        return self._elapsed_before + time.perf_counter() - self._began
 
 
 def train_sft(config: SFTConfig) -> Path:
@@ -382,7 +414,9 @@ def train_sft(config: SFTConfig) -> Path:
 
 
 class _Window:
-    """Sums of step statistics between two logging steps."""
+    """Step statistics between two logging steps, averaged when logged. Its state is
+    checkpointed, so a resumed run's first line averages the same steps as an uninterrupted
+    run's (JSON keeps floats exactly, so the logged values are equal)."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
@@ -394,7 +428,7 @@ class _Window:
         total = {k: sum(s[k] for s in self.steps) for k in self.steps[0]}
         n = len(self.steps)
         self.steps = []
-        return {
+        metrics = {
             "loss": total["loss"] / n,
             "nll": total["nll"] / max(total["masked"], 1.0),
             "mask_ratio": total["masked"] / max(total["completion_tokens"], 1.0),
@@ -402,6 +436,15 @@ class _Window:
             "tokens_per_s": total["tokens"] / max(total["seconds"], 1e-9),
             "step_s": total["seconds"] / n,
         }
+        if total["skipped_updates"]:  # as RL: only when an update was skipped
+            metrics["skipped_updates"] = total["skipped_updates"]
+        return metrics
+
+    def state_dict(self) -> list[dict[str, float]]:
+        return [dict(s) for s in self.steps]
+
+    def load_state_dict(self, steps: list[dict[str, float]]) -> None:
+        self.steps = [dict(s) for s in steps]
 
 
 def _filter_length(pairs: list[Pair], max_length: int | None) -> list[Pair]:

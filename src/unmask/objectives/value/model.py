@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
+from unmask.integrity import verify_model_folder
 from unmask.models.diffusion_lm import DiffusionLM, DiffusionSettings, _dtype, resolve_device
 
 VALUE_HEAD = "value_head.safetensors"
@@ -80,6 +81,7 @@ class ValueModel(DiffusionLM):
         if not (path / VALUE_HEAD).is_file():
             policy = DiffusionLM.from_pretrained(name_or_path, dtype, device, **settings)
             return cls(policy.model.base_model, policy.settings)
+        verify_model_folder(path)  # a saved run folder: sizes and SHA-256 checked
         device = resolve_device(device)
         backbone = AutoModel.from_pretrained(
             path, dtype=_dtype(dtype, device), attn_implementation="sdpa", trust_remote_code=False
