@@ -86,3 +86,33 @@ def test_split_errors() -> None:
         get_task("gsm8k", source="generated").rows("test")
     with pytest.raises(ValueError, match="no source for split 'train'"):
         SudokuTask(source={"test": "generated"}).rows("train")
+
+
+def test_reward_functions_keep_distinct_names():
+    """Two lambdas, two functions of one name, or a partial each keep their own scores."""
+    import functools
+
+    from unmask.tasks.base import reward_names
+
+    def scaled(prompts, completions, factor=1.0, **_):
+        return [factor * len(c) for c in completions]
+
+    def other_scaled(prompts, completions, **_):
+        return [0.0 for _ in completions]
+
+    other_scaled.__name__ = "scaled"
+    funcs = [
+        lambda prompts, completions, **_: [1.0] * len(completions),
+        lambda prompts, completions, **_: [2.0] * len(completions),
+        scaled,
+        other_scaled,
+        functools.partial(scaled, factor=3.0),
+    ]
+    assert reward_names(funcs) == ["reward", "reward_2", "scaled", "scaled_2", "scaled_3"]
+    task = get_task("sudoku", num_train=2, num_test=2)
+    task.reward_funcs = [task.reward_funcs[0], *funcs]
+    task.reward_weights = [1.0] * len(task.reward_funcs)
+    scores = task.score(["p", "p"], ["ab", "abc"], {k: [None, None] for k in ()})
+    assert scores["reward"] == [1.0, 1.0] and scores["reward_2"] == [2.0, 2.0]
+    assert scores["scaled"] == [2.0, 3.0] and scores["scaled_2"] == [0.0, 0.0]
+    assert scores["scaled_3"] == [6.0, 9.0]

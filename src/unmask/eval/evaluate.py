@@ -189,10 +189,10 @@ def summarise(
         "wall_s": wall,
         "samples_per_s": n / wall if wall > 0 else None,
     }
-    for fn in task.reward_funcs:
-        values = [r["rewards"][fn.__name__] for r in records]
+    for name in task.reward_names:
+        values = [r["rewards"][name] for r in records]
         scored = [reward_total(v) for v in values if v is not None]
-        summary[f"reward/{fn.__name__}/mean"] = sum(scored) / len(scored) if scored else None
+        summary[f"reward/{name}/mean"] = sum(scored) / len(scored) if scored else None
     if num_generations > 1:
         summary[f"pass@{num_generations}"] = sum(
             pass_at_k(len(v), sum(v), num_generations) for v in by_prompt.values()

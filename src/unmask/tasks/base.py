@@ -11,6 +11,7 @@ batch of ``None``, never the training run.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import re
@@ -139,6 +140,30 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path} row {i}", record
 
 
+
+def reward_name(func: RewardFunc) -> str:
+    """A reward's name in metrics: its ``__name__``, the wrapped function's for a
+    ``functools.partial``, ``reward`` for a lambda or a callable object without one."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    name = getattr(func, "__name__", None)
+    return name if isinstance(name, str) and name.isidentifier() else "reward"
+
+
+def reward_names(funcs: Sequence[RewardFunc]) -> list[str]:
+    """Distinct names for ``funcs``: a name used again gets ``_2``, ``_3``, ... (two lambdas,
+    or two functions with one name, would otherwise overwrite each other's scores)."""
+    names: list[str] = []
+    for func in funcs:
+        base = name = reward_name(func)
+        count = 1
+        while name in names:
+            count += 1
+            name = f"{base}_{count}"
+        names.append(name)
+    return names
+
+
 @dataclass(kw_only=True)
 class Task:
     """A task: data, prompt template and rewards. Subclasses fill in the hooks below.
@@ -186,7 +211,8 @@ class Task:
 
     @property
     def reward_names(self) -> list[str]:
-        return [f.__name__ for f in self.reward_funcs]
+        """One distinct name per reward function, in order (see :func:`reward_names`)."""
+        return reward_names(self.reward_funcs)
 
     # Hooks for subclasses.
 
@@ -277,17 +303,15 @@ class Task:
         """Every reward function's values by name; one that raises or returns the wrong number
         of values is logged and gives ``None`` for the batch."""
         scores: dict[str, list[float | None]] = {}
-        for func in self.reward_funcs:
+        for name, func in zip(self.reward_names, self.reward_funcs, strict=True):
             try:
                 values = list(func(list(prompts), list(completions), **columns))
                 if len(values) != len(completions):
                     raise ValueError(f"{len(values)} values for {len(completions)} completions")
             except Exception:  # reward code never kills training
-                logger.warning(
-                    "reward %s failed; its values are None", func.__name__, exc_info=True
-                )
+                logger.warning("reward %s failed; its values are None", name, exc_info=True)
                 values = [None] * len(completions)
-            scores[func.__name__] = values
+            scores[name] = values
         return scores
 
     def weighted_sum(self, scores: Mapping[str, list[float | None]]) -> list[float | None]:
