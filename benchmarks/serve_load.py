@@ -5,8 +5,12 @@ then keeps ``--concurrency`` clients busy with completions until ``--requests`` 
 ``--max-seconds`` pass (loopback only; bounded in requests and time). Prints one JSON line per
 setting; 503 answers (the queue bound at work) are counted, not retried.
 
+``--dropped-streams N`` measures something else: the latency of one request after N clients
+each read the first event of a stream and hung up (their jobs should stop, not run on).
+
     python benchmarks/serve_load.py                       # tiny-block, 64 requests a setting
     python benchmarks/serve_load.py --model nano-block --requests 16 --max-seconds 20
+    python benchmarks/serve_load.py --dropped-streams 20
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ SETTINGS = {
     "dynamic batching": ({}, 1),
     "overload (queue bound 4)": ({"max_queue": 4}, 4),
 }
+DROPPED = "dropped streams"
 
 
 def _free_port() -> int:
@@ -128,15 +133,48 @@ async def _load(args: argparse.Namespace, url: str, concurrency: int) -> dict:
     }
 
 
+async def _dropped(args: argparse.Namespace, url: str, _: int) -> dict:
+    """One request's latency when idle, then after ``--dropped-streams`` streams were left."""
+    body = {"model": args.model, "prompt": "1" * args.prompt_length, "max_tokens": args.max_tokens}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(args.max_seconds + 60)) as client:
+
+        async def timed() -> float:
+            start = time.perf_counter()
+            (await client.post(f"{url}/v1/completions", json=body)).raise_for_status()
+            return time.perf_counter() - start
+
+        for _ in range(2):  # warm-up, not counted
+            await timed()
+        idle = await timed()
+
+        async def leave() -> None:  # the first event comes once the job is running
+            stream = {**body, "stream": True}
+            async with client.stream("POST", f"{url}/v1/completions", json=stream) as reply:
+                async for _ in reply.aiter_lines():
+                    break
+
+        await asyncio.gather(*(leave() for _ in range(args.dropped_streams)))
+        after = await timed()
+        stats = (await client.get(f"{url}/v1/stats")).json()
+    return {
+        "dropped_streams": args.dropped_streams,
+        "idle_request_s": round(idle, 3),
+        "next_request_s": round(after, 3),
+        "batch_sizes": stats["batch_sizes"],
+        "cancelled": stats.get("cancelled"),
+    }
+
+
 async def _run(args: argparse.Namespace, name: str) -> dict:
-    overrides, multiplier = SETTINGS[name]
+    overrides, multiplier = SETTINGS.get(name, ({}, 1))
+    measure = _dropped if name == DROPPED else _load
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile("w+") as log:
         process = _start(args, overrides, port, log)
         try:
             await _wait_ready(url, process)
-            result = await _load(args, url, args.concurrency * multiplier)
+            result = await measure(args, url, args.concurrency * multiplier)
         except RuntimeError:
             log.seek(0)
             sys.stderr.write(log.read())
@@ -167,8 +205,14 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     parser.add_argument("--only", nargs="*", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--dropped-streams",
+        type=int,
+        default=0,
+        help="instead of the load settings: time a request after N clients left their streams",
+    )
     args = parser.parse_args()
-    for name in args.only:
+    for name in [DROPPED] if args.dropped_streams else args.only:
         print(json.dumps(asyncio.run(_run(args, name))), flush=True)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -281,3 +283,181 @@ def test_api_key_from_the_environment(start, monkeypatch):
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     ok = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer from-env"})
     assert ok.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"n": "2"}, "n"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"extra_body": {"top_k": "5"}}, "top_k"),
+        ({"stream": 1}, "stream"),
+        ({"stop": 5}, "stop"),
+        ({"extra_body": {"diffusion": {"steps": True}}}, "diffusion.steps"),
+    ],
+)
+def test_fields_are_strict_with_the_openai_client(start, fields, param):
+    _, client = start()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="1", **fields)
+    assert err.value.body["param"] == param
+    assert err.value.body["message"].startswith(param)
+
+
+def test_fields_are_strict_over_raw_http(start):
+    server, _ = start()
+    url = f"{server.url}/v1/completions"
+    for raw, param in (
+        (b'{"model": "nano-block", "prompt": "1", "max_tokens": true}', "max_tokens"),
+        (b'{"model": "nano-block", "prompt": "1", "temperature": Infinity}', "temperature"),
+        (b'{"model": "nano-block", "prompt": "1", "temperature": 1e400}', "temperature"),
+        (b'{"model": "nano-block", "prompt": "1", "temperature": NaN}', "temperature"),
+        (b'{"model": "nano-block", "prompt": [1, false]}', "prompt"),
+    ):
+        reply = httpx.post(url, content=raw, headers={"content-type": "application/json"})
+        assert reply.status_code == 400, raw
+        assert reply.json()["error"]["param"] == param, raw
+    reply = httpx.post(url, json={"model": MODEL, "prompt": "1", "max_tokens": "8"})
+    message = reply.json()["error"]["message"]
+    assert message == 'max_tokens: Input should be a valid integer (got "8")'
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": 5}]}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=chat)
+    assert reply.json()["error"]["param"] == "messages.0.content"
+
+
+@pytest.fixture
+def tokenizer_calls(block_model, monkeypatch):
+    """Texts the tokenizer was called on; ``gate`` (open by default) holds calls while cleared."""
+    calls: list[str] = []
+    entered = threading.Event()
+    gate = threading.Event()
+    gate.set()
+    kind = type(block_model.tokenizer)
+    tokenize = kind.__call__
+
+    def spy(self, text, *args, **kwargs):
+        calls.append(text)
+        entered.set()
+        assert gate.wait(30), "the test never opened the gate"
+        return tokenize(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(kind, "__call__", spy)
+    yield calls, entered, gate
+    gate.set()  # a failed test leaves no tokenizer call waiting
+
+
+def test_sizes_are_refused_before_tokenising(start, tokenizer_calls):
+    calls, _, _ = tokenizer_calls
+    _, client = start(max_batch_size=4, max_prompt_chars=1000)
+    too_big = [
+        ({"prompt": "1" * 1001}, "prompt", "context_length_exceeded"),
+        ({"prompt": ["1"] * 1000}, "prompt", None),
+        ({"prompt": [[1]] * 1000}, "prompt", None),
+        ({"prompt": ["1", "2"], "n": 3}, "n", None),
+    ]
+    for fields, param, code in too_big:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, max_tokens=4, **fields)
+        assert (err.value.body["param"], err.value.body["code"]) == (param, code)
+    long_chat = [{"role": "user", "content": "1" * 1000}]  # too long once templated
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=long_chat)
+    assert err.value.body["code"] == "context_length_exceeded"
+    templated = len("User: \nAssistant:") + 1000
+    assert f"conversation has {templated} characters" in err.value.body["message"]
+    url = f"{client.base_url}completions"
+    for prompt in ("1" * 1001, ["1"] * 1000):
+        reply = httpx.post(url, json={"model": MODEL, "prompt": prompt})
+        assert (reply.status_code, reply.json()["error"]["param"]) == (400, "prompt")
+    assert calls == []
+    assert client.completions.create(model=MODEL, prompt="1" * 1000, max_tokens=4).choices
+    assert calls == ["1" * 1000]
+
+
+def test_health_answers_while_a_prompt_is_tokenised(start, tokenizer_calls):
+    _, entered, gate = tokenizer_calls
+    server, client = start()
+    gate.clear()
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(client.completions.create, model=MODEL, prompt="12", max_tokens=4)
+        assert entered.wait(30)
+        health = httpx.get(f"{server.url}/health", timeout=20)
+        stats = httpx.get(f"{server.url}/v1/stats", timeout=20).json()
+        assert not pending.done()  # the tokenizer was still busy
+        gate.set()
+        assert pending.result().choices[0].finish_reason == "length"
+    assert health.json() == {"status": "ok"}
+    assert stats["queued"] == 0  # not yet queued: still tokenising
+
+
+@pytest.fixture
+def denoising_steps(monkeypatch):
+    """Steps each sampler call ran; ``hold`` (open by default) holds a call after each step."""
+    runs: list[int] = []
+    stepped = threading.Event()
+    hold = threading.Event()
+    hold.set()
+    generate = Sampler.generate
+
+    def counting(self, model, prompts, *args, on_step, **kwargs):
+        runs.append(0)
+        run = len(runs) - 1
+
+        def step(view):
+            runs[run] += 1
+            stepped.set()
+            assert hold.wait(30), "the test never released the sampler"
+            on_step(view)
+
+        return generate(self, model, prompts, *args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(Sampler, "generate", counting)
+    yield runs, stepped, hold
+    hold.set()  # a failed test leaves no sampler call waiting
+
+
+def _wait_stats(server: BackgroundServer, field: str, value: int) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/v1/stats").json()[field] != value:
+        assert time.monotonic() < deadline, f"stats {field} never reached {value}"
+        time.sleep(0.01)
+
+
+LONG_JOB = {"model": MODEL, "prompt": "12", "max_tokens": 32}  # 32 steps, one token each
+
+
+def test_a_dropped_stream_stops_its_job_at_the_next_step(start, denoising_steps):
+    runs, stepped, hold = denoising_steps
+    server, client = start(batch_wait_ms=0, sampler=SamplerConfig(stop_at_eos=False))
+    hold.clear()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={**LONG_JOB, "stream": True}):
+            assert stepped.wait(30)  # the job ran one step and is held there
+            with http.stream("POST", "/v1/completions", json={**LONG_JOB, "stream": True}):
+                _wait_stats(server, "queued", 1)  # a second stream waits behind it
+        _wait_stats(server, "cancelled", 2)
+        assert httpx.get(f"{server.url}/v1/stats").json()["queued"] == 0
+    hold.set()
+    after = client.completions.create(**LONG_JOB)
+    assert after.choices[0].finish_reason == "length"
+    assert runs == [1, 32]  # the dropped job stopped after its step; the queued one never ran
+
+
+def test_a_client_leaving_a_plain_request_stops_its_job(start, denoising_steps):
+    runs, stepped, hold = denoising_steps
+    server, client = start(batch_wait_ms=0, sampler=SamplerConfig(stop_at_eos=False))
+    hold.clear()
+    body = json.dumps(LONG_JOB).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {server.host}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection((server.host, server.port), timeout=30) as raw:
+        raw.sendall(head.encode() + body)
+        assert stepped.wait(30)
+    _wait_stats(server, "cancelled", 1)
+    hold.set()
+    assert client.completions.create(**LONG_JOB).choices[0].finish_reason == "length"
+    assert runs == [1, 32]

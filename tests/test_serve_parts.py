@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from dataclasses import dataclass
 
 import pytest
+from pydantic import ValidationError
 
 from unmask.models.tokenizer import build_char_tokenizer
 from unmask.sampling.sampler import SamplerConfig
@@ -70,13 +72,19 @@ def test_default_chat_template_for_tokenizers_without_one(tmp_path):
 class FakeJob:
     key: str
     rows: int = 1
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
 
 
-def _batcher(**kwargs) -> tuple[Batcher, list[list[FakeJob]]]:
+def _batcher(gate: threading.Event | None = None, **kwargs) -> tuple[Batcher, list[list[FakeJob]]]:
+    """A batcher over a fake run that records its batches (and waits for ``gate`` if given)."""
     seen: list[list[FakeJob]] = []
 
     def run(jobs: list[FakeJob]) -> list[str]:
         seen.append(jobs)
+        assert gate is None or gate.wait(30), "the test never opened the gate"
         if any(j.key == "boom" for j in jobs):
             raise RuntimeError("boom")
         return [j.key for j in jobs]
@@ -122,6 +130,61 @@ def test_batcher_refuses_when_full_and_survives_failures():
     assert batcher.batch_sizes == {1: 1, 8: 2}
 
 
+def test_cancelled_jobs_leave_the_queue_or_are_told_to_stop():
+    async def main():
+        gate = threading.Event()
+        batcher, seen = _batcher(gate, wait_s=0.0)
+        batcher.start()
+        running, queued = FakeJob("a"), FakeJob("b")
+        first, second = batcher.submit(running), batcher.submit(queued)
+        while not batcher.running:
+            await asyncio.sleep(0.001)
+        first.cancel()
+        second.cancel()
+        await asyncio.sleep(0)  # the done callbacks run
+        state = (running.cancelled, queued.cancelled, batcher.queued, batcher.cancelled)
+        gate.set()
+        assert await batcher.submit(FakeJob("c")) == "c"
+        await batcher.stop()
+        return state, seen
+
+    state, seen = asyncio.run(main())
+    assert state == (True, True, 0, 2)
+    assert [[j.key for j in batch] for batch in seen] == [["a"], ["c"]]  # "b" never ran
+
+
+def _stepping_jobs(engine: Engine, cancel_at: dict[int, int]) -> tuple[list, list[list[int]]]:
+    """Two jobs of one batch; job i cancels itself at step ``cancel_at[i]``; steps seen each."""
+    prompts = engine.encode(["12"], "prompt")
+    request = CompletionRequest(model="nano-block", prompt="12", max_tokens=16)
+    jobs = [engine.prepare(prompts, request, 16, "prompt") for _ in range(2)]
+    steps: list[list[int]] = [[], []]
+    for i, job in enumerate(jobs):
+
+        def emit(view, i=i, job=job):
+            steps[i].append(view.nfe)
+            if view.nfe == cancel_at.get(i):
+                job.cancel()
+
+        job.emit = emit
+    return jobs, steps
+
+
+def test_a_batch_stops_at_the_next_step_once_all_its_jobs_are_cancelled(block_model):
+    config = ServeConfig(model="nano-block", sampler=SamplerConfig(stop_at_eos=False))
+    engine = Engine(block_model, config)
+    jobs, steps = _stepping_jobs(engine, {})
+    full = engine.run(jobs)
+    assert steps[0] == list(range(1, 17))  # one token a step
+    jobs, steps = _stepping_jobs(engine, {0: 3})
+    partly = engine.run(jobs)
+    assert partly == [[], full[1]]  # the other job's result is what it would have been
+    assert (steps[0], len(steps[1])) == ([1, 2, 3], 16)
+    jobs, steps = _stepping_jobs(engine, {0: 2, 1: 5})
+    assert engine.run(jobs) == [[], []]
+    assert steps == [[1, 2], [1, 2, 3, 4, 5]]  # no step after the last cancel
+
+
 def test_batch_keys_and_request_checks(block_model):
     engine = Engine(block_model, ServeConfig(model="nano-block", max_batch_size=4))
     prompts = engine.encode(["12"], "prompt")
@@ -139,17 +202,72 @@ def test_batch_keys_and_request_checks(block_model):
     assert job(temperature=1.0).key == job(temperature=1.0).key
     steps = job(max_tokens=8, diffusion={"steps": 3}).config
     assert steps.steps_per_block == 2  # 3 steps over 2 blocks, rounded up
-    with pytest.raises(APIError, match="remasking") as err:
-        job(diffusion={"remasking": "sideways"})
-    assert err.value.param == "diffusion.remasking"
-    with pytest.raises(APIError, match="not both"):
-        job(diffusion={"steps": 4, "steps_per_block": 2})
-    with pytest.raises(APIError) as err:
-        job(n=5)
-    assert (err.value.status, err.value.param) == (400, "n")
+    assert job(top_k=-1).config.top_k == 0 and job(top_k=5).config.top_k == 5
     with pytest.raises(APIError) as err:
         engine.encode([[1, 10**6]], "prompt")
     assert "vocabulary" in err.value.message
+
+
+def test_sizes_are_checked_before_tokenising(block_model):
+    engine = Engine(block_model, ServeConfig(model="nano-block", max_batch_size=4))
+    assert engine.max_prompt_chars == 16 * block_model.config.max_position_embeddings
+    engine.check_size(["1" * engine.max_prompt_chars, [1, 2]], 2, "prompt")
+    for prompts, n, param in ((["1"] * 5, 1, "prompt"), (["1", "2"], 3, "n")):
+        with pytest.raises(APIError) as err:
+            engine.check_size(prompts, n, "prompt")
+        assert (err.value.status, err.value.param) == (400, param)
+    with pytest.raises(APIError) as err:
+        engine.check_size(["1", "1" * (engine.max_prompt_chars + 1)], 1, "prompt")
+    assert err.value.code == "context_length_exceeded" and "prompt 1 has" in err.value.message
+    small = Engine(block_model, ServeConfig(model="nano-block", max_prompt_chars=3))
+    with pytest.raises(APIError, match="max_prompt_chars"):
+        small.check_chars(["1234"], "messages")
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 8.0}, "max_tokens"),
+        ({"n": "2"}, "n"),
+        ({"seed": False}, "seed"),
+        ({"temperature": "1"}, "temperature"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": 1e308}, "temperature"),
+        ({"temperature": 1e-40}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"top_k": 2.5}, "top_k"),
+        ({"stream": 1}, "stream"),
+        ({"stream": "true"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stop": 5}, "stop"),
+        ({"stop": ["a", 1]}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": [1, True]}, "prompt"),
+        ({"diffusion": {"steps": "2"}}, "diffusion.steps"),
+        ({"diffusion": {"block_length": 0}}, "diffusion.block_length"),
+        ({"diffusion": {"threshold": 2}}, "diffusion.threshold"),
+        ({"diffusion": {"stream_canvas": 1}}, "diffusion.stream_canvas"),
+        ({"diffusion": {"remasking": "sideways"}}, "diffusion.remasking"),
+        ({"diffusion": {"steps": 4, "steps_per_block": 2}}, "diffusion.steps_per_block"),
+    ],
+)
+def test_request_fields_are_strict_and_bounded(fields, param):
+    with pytest.raises(ValidationError) as err:
+        CompletionRequest.model_validate({"model": "m", "prompt": "1", **fields})
+    assert [".".join(map(str, e["loc"])) for e in err.value.errors()] == [param]
+
+
+def test_request_fields_in_bounds_pass():
+    ok = {"max_tokens": 8, "temperature": 0, "top_p": 1, "top_k": 0, "seed": -1, "n": 2}
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1]], **ok}).n == 2
+    for t in (0.0, 0.01, 2):
+        assert CompletionRequest(model="m", prompt="1", temperature=t).temperature == t
+    streamed = {"stream": True, "stream_options": {"include_usage": True}}
+    assert CompletionRequest.model_validate({"model": "m", "prompt": "1", **streamed}).stream
 
 
 def test_server_config_checks():

@@ -3,6 +3,11 @@
 ``create_app(config)`` loads the model and returns the ASGI app; ``unmask serve`` runs it
 with uvicorn. Every error is an OpenAI error body with a 4xx/5xx status; nothing a client
 sends can stop the server.
+
+A request is checked cheapest first: its fields (types, bounds), then its size (prompt count,
+characters), and only then tokenised, on a thread of its own so that the event loop (health
+checks, other clients) never waits for a tokenizer; the token count is checked last. A client
+that leaves cancels its job (see ``Batcher`` and ``Engine.run``).
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -38,6 +44,7 @@ from unmask.serve.protocol import (
 
 logger = logging.getLogger(__name__)
 STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "server_overloaded"}
+T = TypeVar("T")
 
 
 def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI:
@@ -52,12 +59,18 @@ def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI
         engine.run, config.max_batch_size, config.batch_wait_ms / 1000.0, config.max_queue
     )
     created = int(time.time())
+    # One thread, so a tokenizer is never called from two threads at once.
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unmask-tokenizer")
+
+    async def off_loop(work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, work)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         yield
         await batcher.stop()
+        tokenizing.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="unmask", summary="OpenAI-compatible dLLM server", lifespan=lifespan)
     app.state.engine = engine
@@ -94,28 +107,23 @@ def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI
         return card
 
     @v1.post("/completions")
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_request(body, config.model_name)
-        prompt = body.prompt
-        single = isinstance(prompt, str) or (bool(prompt) and isinstance(prompt[0], int))
-        prompts = engine.encode([prompt] if single else prompt, "prompt")  # type: ignore[list-item]
+        texts = body.prompts()
+        engine.check_size(texts, body.n or 1, "prompt")
+        prompts = await off_loop(lambda: engine.encode(texts, "prompt"))
         job = engine.prepare(prompts, body, body.max_tokens, "prompt")
-        return await _answer(batcher, job, body, config.model_name, chat=False)
+        return await _answer(request, batcher, job, body, config.model_name, chat=False)
 
     @v1.post("/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check_request(body, config.model_name)
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
-        try:
-            text = render_chat(engine.tokenizer, template, messages)
-        except Exception as err:  # a template may refuse a conversation (roles, order)
-            message = f"the chat template refused the messages: {err}"
-            raise APIError(400, message, param="messages") from err
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        prompts = engine.encode([ids], "messages")
+        engine.check_rows(1, body.n or 1, "messages")
+        prompts = await off_loop(lambda: _chat_prompt(engine, template, messages))
         max_tokens = body.max_completion_tokens or body.max_tokens
         job = engine.prepare(prompts, body, max_tokens, "messages")
-        return await _answer(batcher, job, body, config.model_name, chat=True)
+        return await _answer(request, batcher, job, body, config.model_name, chat=True)
 
     @v1.get("/stats")
     async def stats() -> dict[str, Any]:
@@ -125,6 +133,7 @@ def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI
             "queued": batcher.queued,
             "running": batcher.running,
             "rejected": batcher.rejected,
+            "cancelled": batcher.cancelled,
         }
 
     app.include_router(v1)
@@ -148,13 +157,31 @@ def _check_request(body: GenerationRequest, served: str) -> None:
         raise APIError(400, f"{name} is not supported by this server", param=name)
 
 
+def _chat_prompt(engine: Engine, template: str, messages: list[dict[str, str]]) -> list[list[int]]:
+    """The conversation's prompt ids (slow on long text: run off the event loop)."""
+    try:
+        text = render_chat(engine.tokenizer, template, messages)
+    except Exception as err:  # a template may refuse a conversation (roles, order)
+        message = f"the chat template refused the messages: {err}"
+        raise APIError(400, message, param="messages") from err
+    engine.check_chars([text], "messages")
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return engine.encode([ids], "messages")
+
+
 async def _answer(
-    batcher: Batcher[Job], job: Job, body: GenerationRequest, model: str, chat: bool
+    request: Request,
+    batcher: Batcher[Job],
+    job: Job,
+    body: GenerationRequest,
+    model: str,
+    chat: bool,
 ) -> Any:
     reply = _Reply(job, model, chat)
     if not body.stream:
-        choices = await _result(_submit(batcher, job))
-        return reply.full(choices)
+        future = _submit(batcher, job)
+        _cancel_on_disconnect(request, future)
+        return reply.full(await _result(future))
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[StepView | None] = asyncio.Queue()
 
@@ -165,6 +192,7 @@ async def _answer(
     job.emit = emit
     future = _submit(batcher, job)  # refused here, before the stream starts: a plain 503
     future.add_done_callback(lambda _: queue.put_nowait(None))
+    _cancel_on_disconnect(request, future)
     usage = bool(body.stream_options and body.stream_options.include_usage)
     canvas = bool(body.diffusion and body.diffusion.stream_canvas)
     events = reply.stream(queue, future, canvas, usage)
@@ -184,12 +212,31 @@ def _submit(batcher: Batcher[Job], job: Job) -> asyncio.Future[list[Choice]]:
         ) from err
 
 
+def _cancel_on_disconnect(request: Request, future: asyncio.Future[list[Choice]]) -> None:
+    """Cancel ``future`` (and so its job) when the client disconnects before it is done.
+
+    Nothing else would: a plain response's handler runs on after its client left.
+    """
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        future.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    future.add_done_callback(lambda _: watcher.cancel())
+
+
 async def _result(future: asyncio.Future[list[Choice]]) -> list[Choice]:
     try:
-        return await future
-    except asyncio.CancelledError:
+        await asyncio.wait([future])
+    except asyncio.CancelledError:  # this handler was cancelled: so is its job
         future.cancel()
         raise
+    if future.cancelled():  # nobody is left to read this answer
+        raise APIError(499, "the request was cancelled", kind="request_cancelled")
+    try:
+        return future.result()
     except Exception as err:
         logger.exception("generation failed")
         raise APIError(500, f"generation failed: {err}", kind="server_error") from err
@@ -300,12 +347,25 @@ class _Reply:
                 yield _sse({**head, "choices": [], "usage": self._usage(choices)})
             yield "data: [DONE]\n\n"
         finally:
-            if not future.done():  # the client left: skip the job if it has not started
+            if not future.done():  # the client left: drop the job, queued or running
                 future.cancel()
 
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload)}\n\n"
+
+
+def _message(problem: dict[str, Any], param: str | None) -> str:
+    """``param: what is wrong (got value)``, the value cut short: it may be a huge prompt."""
+    message = str(problem.get("msg", "invalid value"))
+    if param is None:
+        return message
+    if not message.startswith(param):
+        message = f"{param}: {message}"
+    if problem.get("type") == "missing":
+        return message
+    shown = json.dumps(problem.get("input"), default=str)
+    return f"{message} (got {shown if len(shown) <= 40 else shown[:37] + '...'})"
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -322,12 +382,7 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"the body is not valid JSON: {problem.get('ctx', {}).get('error', '')}"
             return JSONResponse(APIError(400, message.strip(": ")).body(), status_code=400)
         param = ".".join(loc) or None
-        message = (
-            f"{param}: {problem.get('msg', 'invalid value')}"
-            if param
-            else str(problem.get("msg", "invalid request body"))
-        )
-        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
+        return JSONResponse(APIError(400, _message(problem, param), param=param).body(), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -5,6 +5,9 @@ up to ``wait_s`` for company, then it and every later request with the same batc
 into one sampler call, up to ``max_rows`` rows. While a batch runs, new requests queue; once
 ``max_queue`` are waiting, ``submit`` refuses at once (the server answers 503) instead of
 letting latency grow without limit. One worker thread runs the batches, one at a time.
+
+Cancelling a job's future (its client left) takes a waiting job out of the queue at once and
+calls ``job.cancel()`` on a running one, for ``run`` to stop it early.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class Batchable(Protocol):
 
     @property
     def rows(self) -> int: ...
+
+    def cancel(self) -> None: ...
 
 
 J = TypeVar("J", bound=Batchable)
@@ -60,6 +65,7 @@ class Batcher(Generic[J]):
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: collections.Counter[int] = collections.Counter()  # rows -> batches
         self.rejected = 0
+        self.cancelled = 0
         self.running = False
 
     def start(self) -> None:
@@ -86,9 +92,18 @@ class Batcher(Generic[J]):
             raise Overloaded(f"{self.queued} requests are already waiting")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append(_Waiting(job, future, loop.time()))
+        waiting = _Waiting(job, future, loop.time())
+        future.add_done_callback(lambda _: self._on_done(waiting))
+        self._waiting.append(waiting)
         self._wake.set()
         return future
+
+    def _on_done(self, waiting: _Waiting[J]) -> None:
+        """A cancelled job is told to stop (if running) and the loop to drop it (if queued)."""
+        if waiting.future.cancelled():
+            self.cancelled += 1
+            waiting.job.cancel()
+            self._wake.set()  # the loop may be waiting for company for this very job
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()

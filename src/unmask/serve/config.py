@@ -27,6 +27,7 @@ class ServeConfig:
     max_batch_size: int = 8  # rows (prompts x n) in one sampler call
     batch_wait_ms: float = 10.0  # how long the first waiting request waits for others
     max_queue: int = 64  # requests waiting for the sampler; one more gets 503 at once
+    max_prompt_chars: int | None = None  # per prompt, before tokenising; null: 16 a position
     chat_template: str | None = None  # Jinja text or a file; default: the tokenizer's own
     mask_placeholder: str = "_"  # how still-masked tokens show in a streamed canvas
     log_level: str = "info"
@@ -37,6 +38,8 @@ class ServeConfig:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_prompt_chars is not None and self.max_prompt_chars < 1:
+            raise ValueError(f"max_prompt_chars must be >= 1, got {self.max_prompt_chars}")
         if self.batch_wait_ms < 0:
             raise ValueError(f"batch_wait_ms must be >= 0, got {self.batch_wait_ms}")
         if not 0 <= self.port < 65536:

@@ -1,9 +1,12 @@
 """The model side of the server: requests become sampler jobs, batches become choices.
 
-``Engine.prepare`` checks a request against the model (prompt length, settings) and turns it
-into a ``Job``: prompt ids, ``n``, and the ``SamplerConfig`` it needs. Jobs whose configs are
-equal share a sampler call (``Job.key``); ``Engine.run`` runs one such batch in the worker
-thread and splits the rollout back into each job's choices.
+``Engine.check_size`` bounds a request's prompts (count, characters) before any tokenising;
+``Engine.prepare`` checks the token ids against the model (context length) and turns the
+request into a ``Job``: prompt ids, ``n``, and the ``SamplerConfig`` it needs. Jobs whose
+configs are equal share a sampler call (``Job.key``); ``Engine.run`` runs one such batch in the
+worker thread and splits the rollout back into each job's choices. A cancelled job (its client
+left) is dropped at the next denoising step: its rows' results are discarded, and a batch
+whose jobs are all cancelled stops there.
 """
 
 from __future__ import annotations
@@ -11,16 +14,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from unmask.models.diffusion_lm import DiffusionLM
-from unmask.sampling.remasking import REMASKING
 from unmask.sampling.sampler import Sampler, SamplerConfig, StepView, encode_prompts
 from unmask.serve.config import ServeConfig
 from unmask.serve.protocol import APIError, DiffusionOptions, GenerationRequest
-from unmask.serve.text import Detokenizer, Settled
+from unmask.serve.text import Detokenizer
+
+# The default max_prompt_chars: generous characters per token (real text averages 1 to 5), so a
+# prompt refused for its characters would have been refused for its tokens anyway.
+CHARS_PER_POSITION = 16
+UNKNOWN_POSITIONS = 65536  # for a model whose config gives no maximum
 
 
 @dataclass
@@ -40,6 +48,17 @@ class Job:
     detok: Detokenizer
     key: tuple[Any, ...]
     emit: Callable[[StepView], None] | None = None  # set for streamed jobs (thread-safe)
+    _cancelled: threading.Event = dataclasses.field(
+        default_factory=threading.Event, init=False, repr=False
+    )
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Stop sampling this job (the worker thread reads it after each denoising step)."""
+        self._cancelled.set()
 
     @property
     def rows(self) -> int:
@@ -48,6 +67,10 @@ class Job:
     @property
     def prompt_tokens(self) -> int:
         return sum(len(p) for p in self.prompts)
+
+
+class _AllCancelled(Exception):
+    """Every job of the running batch was cancelled: nothing left worth sampling."""
 
 
 class Engine:
@@ -60,13 +83,47 @@ class Engine:
         self.tokenizer = model.tokenizer
         self.config = config
         self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.max_prompt_chars = config.max_prompt_chars or CHARS_PER_POSITION * (
+            self.max_positions or UNKNOWN_POSITIONS
+        )
         self._seeds = random.Random(config.sampler.seed)
 
-    # -- request side (event loop) ---------------------------------------------------------
+    # -- request side (event loop, except encode) ------------------------------------------
+    def check_size(self, prompts: Sequence[str | Sequence[int]], n: int, param: str) -> None:
+        """Refuse too many rows or too long a text before tokenising (slow on big text)."""
+        self.check_rows(len(prompts), n, param)
+        self.check_chars([p for p in prompts if isinstance(p, str)], param)
+
+    def check_rows(self, prompts: int, n: int, param: str) -> None:
+        """Refuse more completions than one sampler call takes (``max_batch_size``)."""
+        if prompts * n > self.config.max_batch_size:
+            raise APIError(
+                400,
+                f"{prompts} prompt(s) x n={n} is {prompts * n} completions; this server "
+                f"samples at most {self.config.max_batch_size} at once",
+                param="n" if n > 1 else param,
+            )
+
+    def check_chars(self, texts: Sequence[str], param: str) -> None:
+        """Refuse a text longer than ``max_prompt_chars``, whatever its token count."""
+        for i, text in enumerate(texts):
+            if len(text) > self.max_prompt_chars:
+                what = f"prompt {i}" if param == "prompt" else "the templated conversation"
+                raise APIError(
+                    400,
+                    f"{what} has {len(text)} characters; this server tokenises at most "
+                    f"{self.max_prompt_chars} (max_prompt_chars)",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+
     def encode(
         self, prompts: Sequence[str] | Sequence[Sequence[int]], param: str
     ) -> list[list[int]]:
-        """Token ids of text or id prompts; empty prompts and unknown ids are refused."""
+        """Token ids of text or id prompts; empty prompts and unknown ids are refused.
+
+        Slow on long text: the server calls it off the event loop.
+        """
         try:
             encoded = encode_prompts(self.model, prompts)
         except ValueError as err:
@@ -95,28 +152,7 @@ class Engine:
         max_tokens = max_tokens or base.gen_length
         block = opts.block_length or base.block_length or self.model.block_size
         gen_length = math.ceil(max_tokens / block) * block
-        n = request.n or 1
-        rows = len(prompts) * n
-        if rows > self.config.max_batch_size:
-            raise APIError(
-                400,
-                f"{len(prompts)} prompt(s) x n={n} is {rows} completions; this server samples "
-                f"at most {self.config.max_batch_size} at once",
-                param="n",
-            )
         self._check_length(prompts, max_tokens, gen_length, block, param)
-        if opts.remasking is not None and opts.remasking not in REMASKING:
-            raise APIError(
-                400,
-                f"diffusion.remasking must be one of {list(REMASKING)}, got {opts.remasking!r}",
-                param="diffusion.remasking",
-            )
-        if opts.steps is not None and opts.steps_per_block is not None:
-            raise APIError(
-                400,
-                "give diffusion.steps or diffusion.steps_per_block, not both",
-                param="diffusion.steps",
-            )
         steps_per_block = base.steps_per_block
         if opts.steps is not None:
             steps_per_block = math.ceil(opts.steps / (gen_length // block))
@@ -131,6 +167,7 @@ class Engine:
             threshold=base.threshold if opts.threshold is None else opts.threshold,
             temperature=base.temperature if request.temperature is None else request.temperature,
             top_p=base.top_p if request.top_p is None else request.top_p,
+            top_k=base.top_k if request.top_k is None else max(request.top_k, 0),
             return_logprobs=False,
             seed=request.seed,
         )
@@ -146,7 +183,7 @@ class Engine:
             request.stops(),
             self.config.mask_placeholder,
         )
-        return Job(prompts, n, config, detok, key)
+        return Job(prompts, request.n or 1, config, detok, key)
 
     def _check_length(
         self, prompts: list[list[int]], max_tokens: int, gen_length: int, block: int, param: str
@@ -174,37 +211,48 @@ class Engine:
         if seed is None:
             seed = self._seeds.randrange(2**31)
         rows = [p for job in jobs for p in job.prompts for _ in range(job.n)]
-        on_step = self._fan_out(jobs) if any(job.emit for job in jobs) else None
-        rollout = Sampler(config).generate(self.model, rows, seed=seed, on_step=on_step)
+        try:
+            rollout = Sampler(config).generate(
+                self.model, rows, seed=seed, on_step=self._on_step(jobs)
+            )
+        except _AllCancelled:
+            return [[] for _ in jobs]
         ids, keep = rollout.completion_ids.tolist(), rollout.completion_mask.tolist()
         results: list[list[Choice]] = []
-        start = 0
-        for job in jobs:
-            choices = []
-            for row in range(start, start + job.rows):
-                kept = [t for t, k in zip(ids[row], keep[row], strict=True) if k]
-                settled = job.detok.settle(kept, complete=True)
-                choices.append(_choice(settled))
-            results.append(choices)
-            start += job.rows
+        for job, (lo, hi) in zip(jobs, _spans(jobs), strict=True):
+            rows_kept = zip(ids[lo:hi], keep[lo:hi], strict=True)
+            results.append([] if job.cancelled else [_choice(job, *row) for row in rows_kept])
         return results
 
     @staticmethod
-    def _fan_out(jobs: list[Job]) -> Callable[[StepView], None]:
-        """A step callback handing each streamed job its own rows of the canvas."""
-        spans = []
-        start = 0
-        for job in jobs:
-            spans.append((job, start, start + job.rows))
-            start += job.rows
+    def _on_step(jobs: list[Job]) -> Callable[[StepView], None]:
+        """After each step: stop if every job was cancelled, else stream each live job's rows.
+
+        The sampler decodes the batch as one tensor and cannot drop rows, so a cancelled job
+        that shares its batch keeps being sampled and its rows are discarded at the end.
+        """
+        spans = list(zip(jobs, _spans(jobs), strict=True))
 
         def on_step(view: StepView) -> None:
-            for job, lo, hi in spans:
-                if job.emit is not None:
+            if all(job.cancelled for job in jobs):
+                raise _AllCancelled
+            for job, (lo, hi) in spans:
+                if job.emit is not None and not job.cancelled:
                     job.emit(StepView(view.nfe, view.block, view.completion_ids[lo:hi]))
 
         return on_step
 
 
-def _choice(settled: Settled) -> Choice:
+def _spans(jobs: list[Job]) -> list[tuple[int, int]]:
+    """Each job's rows ``[lo, hi)`` in the batch."""
+    spans = []
+    start = 0
+    for job in jobs:
+        spans.append((start, start + job.rows))
+        start += job.rows
+    return spans
+
+
+def _choice(job: Job, ids: list[int], keep: list[bool]) -> Choice:
+    settled = job.detok.settle([t for t, k in zip(ids, keep, strict=True) if k], complete=True)
     return Choice(settled.text, settled.finish or "length", settled.tokens)
