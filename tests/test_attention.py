@@ -96,3 +96,34 @@ def test_shifted_logits_predict_from_previous_column():
         raw = model.model(input_ids=ids, position_ids=pos, attention_mask=bias).logits
         shifted = model(ids, pos, bias)
     assert torch.equal(shifted[:, 1:], raw[:, :-1])
+
+
+def test_backend_mask_omits_keeps_bool_or_adds(full_model):
+    allowed = torch.tensor([[True, True], [False, True]])[None, None]
+    assert full_model.backend_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool)) is None
+    assert full_model.backend_mask(allowed) is allowed  # SDPA reads bools exactly
+    eager = from_preset("nano-full", seed=2).eval()
+    eager.model.set_attn_implementation("eager")
+    bias = eager.backend_mask(allowed)
+    assert bias.dtype == torch.float32 and bias[0, 0, 1, 0] == torch.finfo(torch.float32).min
+    assert torch.equal(bias == 0, allowed)
+
+
+def test_omitted_mask_is_bidirectional_with_and_without_cache(full_model):
+    # No mask means every query sees every key: never a causal mask, also over a cache.
+    torch.manual_seed(0)
+    ids = torch.randint(10, 90, (2, 12))
+    pos = torch.arange(12).expand(2, 12)
+    everyone = torch.ones(2, 1, 12, 12, dtype=torch.bool)
+    with torch.no_grad():
+        masked = full_model(
+            ids, pos, attention_bias(pos, pos, everyone[:, 0, 0], "full", torch.float32)
+        )
+        assert torch.allclose(full_model(ids, pos, None), masked, atol=1e-5)
+        cache = DynamicCache(config=full_model.config)
+        full_model(ids[:, :8], pos[:, :8], None, cache)
+        tail = full_model(ids[:, 8:], pos[:, 8:], None, cache)
+        again = DynamicCache(config=full_model.config)
+        full_model(ids[:, :8], pos[:, :8], everyone[:, :, :8, :8], again)
+        reference = full_model(ids[:, 8:], pos[:, 8:], everyone[:, :, 8:], again)  # bool mask
+    assert torch.allclose(tail, reference, atol=1e-5)

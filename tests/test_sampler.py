@@ -129,8 +129,10 @@ def test_logprobs_under_exact_sampling_distribution(full_model):
     )
     assert out.logprobs is not None and (out.logprobs <= 0).all()
     # with one step the whole completion is drawn from one forward: recompute it
+    from unmask.sampling.canvas import Canvas
+    from unmask.sampling.forwarder import Forwarder
     from unmask.sampling.remasking import sampling_logits
-    from unmask.sampling.sampler import Canvas, _Forwarder, encode_prompts
+    from unmask.sampling.sampler import encode_prompts
 
     canvas = Canvas.build(
         encode_prompts(full_model, PROMPTS),
@@ -143,7 +145,7 @@ def test_logprobs_under_exact_sampling_distribution(full_model):
     )
     with torch.no_grad():
         logits = (
-            _Forwarder(full_model, canvas, "none", 16)
+            Forwarder(full_model, canvas, "none", 16, compile=False)
             .block_logits(canvas.start, canvas.start + 16, 0)
             .float()
         )
@@ -205,8 +207,12 @@ class ControlledModel(torch.nn.Module):
     def dtype(self):
         return torch.float32
 
-    def forward(self, ids, positions, bias, cache=None):
-        logits = torch.zeros(*ids.shape, self.vocab)
+    def backend_mask(self, allowed):
+        return allowed
+
+    def forward(self, ids, positions, mask, cache=None, columns=None):
+        positions = positions if columns is None else positions[:, columns]
+        logits = torch.zeros(*positions.shape, self.vocab)
         logits.scatter_(-1, (positions % 5 + 10)[..., None], (positions.float() * 0.3)[..., None])
         return logits
 

@@ -31,10 +31,19 @@ from transformers.cache_utils import Cache
 
 from unmask.errors import UserError
 from unmask.integrity import verify_model_folder
-from unmask.models.attention import BLOCK_ALIGNS, LAYOUTS, BlockAlign, Layout
+from unmask.models.attention import (
+    BLOCK_ALIGNS,
+    BOOL_MASK_BACKENDS,
+    LAYOUTS,
+    BlockAlign,
+    Layout,
+    backend_mask,
+)
 from unmask.models.tokenizer import resolve_mask_token_id
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# Which logits a forward computes: columns of every row, or (rows, cols) cells.
+Columns = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -150,27 +159,45 @@ class DiffusionLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_bias: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         past_key_values: Cache | None = None,
+        columns: Columns | None = None,
     ) -> torch.Tensor:
-        """Logits ``[B, Q, V]`` where ``logits[:, i]`` predicts the token at query column i.
+        """Logits of the query columns the caller reads: the LM head runs on those only.
 
-        ``attention_bias`` is the additive ``[B, 1, Q, K]`` mask over the cached keys followed
-        by the query's own keys. For shifted models the prediction for column i comes from
-        column i-1, so column 0's row is meaningless: callers include one column of context.
-        A given cache is appended to; callers crop it (see the sampler).
+        ``columns``: None, every column (``[B, Q, V]``); a 1-D tensor, those columns of every
+        row (``[B, C, V]``); a pair ``(rows, cols)`` of 1-D tensors, those cells (``[M, V]``).
+        At a 126k vocabulary the head and softmax over unread columns were most of a step's
+        time and memory. The logits at column i predict the token at query column i; shifted
+        models (Dream) read them from column i-1 (column 0 from itself, so callers include
+        one column of context).
+
+        ``attention_mask`` ``[B, 1, Q, K]`` covers the cached keys, then the query's own keys:
+        bool (True = attended), additive float, or None when every query sees every key
+        (:func:`unmask.models.attention.backend_mask`). A given cache is appended to; callers
+        crop it (see the sampler).
         """
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_bias.to(self.dtype),
-            past_key_values=past_key_values,
+        hidden = self.model.get_decoder()(
+            input_ids,
+            self.backend_mask(attention_mask, omit=False),
+            position_ids,
+            past_key_values,  # by position: transformers 5 renames it 'cache'
             use_cache=past_key_values is not None,
-        )
-        logits = out.logits
-        if self.shift_logits:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
-        return logits
+            is_causal=False,  # a mask predictor: an omitted mask means "all keys", not causal
+        ).last_hidden_state
+        if columns is None:
+            columns = torch.arange(hidden.shape[1], device=hidden.device)
+        head = self.model.get_output_embeddings()
+        if isinstance(columns, tuple):
+            rows, cols = columns
+            return head(hidden[rows, (cols - int(self.shift_logits)).clamp(min=0)])
+        return head(hidden[:, (columns - int(self.shift_logits)).clamp(min=0)])
+
+    def backend_mask(self, allowed: torch.Tensor | None, omit: bool = True) -> torch.Tensor | None:
+        """``allowed`` in the form this model's attention backend reads exactly (None when
+        every query sees every key, with ``omit``): build it once, reuse it for every step."""
+        reads_bool = self.config._attn_implementation in BOOL_MASK_BACKENDS
+        return backend_mask(allowed, reads_bool, self.dtype, omit)
 
     # -- saving and loading ------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:

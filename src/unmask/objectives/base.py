@@ -169,9 +169,10 @@ def token_logprobs(
     for start in range(0, len(views), micro_batch_size):
         chunk = views.select(slice(start, start + micro_batch_size)).to(device)
         view = chunk.forward_view(model)
-        logits = model(view.input_ids, view.position_ids, view.bias)
         rows, cols = chunk.scored.nonzero(as_tuple=True)
-        scored = logits[rows, view.logit_index[rows, cols]].float()
+        # The LM head runs on the scored columns only (a view scores a few of a long row).
+        read = (rows, view.logit_index[rows, cols])
+        scored = model(view.input_ids, view.position_ids, view.bias, None, read).float()
         scored = scored.index_fill(-1, torch.tensor([model.mask_token_id], device=device), -inf)
         logp = sampling_logits(scored, temperature, top_k, top_p).log_softmax(dim=-1)
         target = logp.gather(-1, chunk.targets[rows, cols][:, None])[:, 0]

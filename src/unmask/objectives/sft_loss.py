@@ -111,13 +111,13 @@ def sft_loss(
         view = masked_view(batch, noisy, settings.layout, torch.float32)
     else:
         raise ValueError(f"objective must be one of {SFT_OBJECTIVES}, got {objective!r}")
-    logits = model(view.input_ids, view.position_ids, view.bias)
     rows, cols = noise.mask.nonzero(as_tuple=True)
-    scored = logits[rows, view.logit_index[rows, cols]].float()
+    read = (rows, view.logit_index[rows, cols])  # the LM head runs on the noised columns only
+    scored = model(view.input_ids, view.position_ids, view.bias, None, read).float()
     nll = F.cross_entropy(scored, batch.ids[rows, cols], reduction="none")
     weight = 1.0 / noise.t[rows, cols] if elbo_weight else torch.ones_like(nll)
     denominator = normalizer if normalizer is not None else max(batch.num_completion_tokens, 1)
     loss = (weight * nll).sum() / denominator
     if len(rows) == 0:  # keep every parameter in the graph (DDP expects gradients)
-        loss = logits.sum() * 0.0
+        loss = scored.sum() * 0.0
     return SFTLoss(loss, float(nll.detach().sum()), len(rows))

@@ -29,10 +29,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
 
-from unmask.models.attention import attention_bias, block_index, block_origin
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.sampling.canvas import Canvas
+from unmask.sampling.forwarder import Forwarder
 from unmask.sampling.remasking import REMASKING, propose, scores, select
 from unmask.sampling.rollout import Rollout
 
@@ -49,6 +49,7 @@ class SamplerConfig:
     LLaDA's total ``steps`` equals ``steps_per_block * gen_length / block_length``.
     ``block_length`` defaults to the model's block size. ``cache="auto"`` picks the exact
     cache of the layout: ``kv`` for block models, ``none`` for full-attention models.
+    ``compile`` runs each step's forward through ``torch.compile`` (CUDA graphs on GPU).
     """
 
     gen_length: int = 64
@@ -63,6 +64,7 @@ class SamplerConfig:
     stop_at_eos: bool = True
     return_logprobs: bool = False
     seed: int | None = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.gen_length < 1:
@@ -82,6 +84,11 @@ class SamplerConfig:
             )
         if self.cache not in CACHES:
             raise ValueError(f"sampler.cache must be one of {CACHES}, got {self.cache!r}")
+        if self.compile and self.cache in ("prefix", "dual"):
+            raise ValueError(
+                f"sampler.compile needs fixed shapes: use cache 'auto', 'none' or 'kv', not "
+                f"{self.cache!r} (its forwards change length every block)"
+            )
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"sampler.threshold must be in [0, 1], got {self.threshold}")
         if self.temperature < 0:
@@ -103,51 +110,6 @@ class StepView:
     nfe: int  # forwards so far, this step's included
     block: int
     completion_ids: torch.Tensor
-
-
-@dataclass
-class Canvas:
-    """The batch being decoded, with per-column positions and blocks (``[B, T]`` each)."""
-
-    ids: torch.Tensor
-    positions: torch.Tensor
-    blocks: torch.Tensor
-    real: torch.Tensor  # prompt and completion columns; padding is never attended to
-    completion: torch.Tensor
-    start: int  # column S where block 0 starts
-    completion_start: torch.Tensor  # [B]
-
-    @classmethod
-    def build(
-        cls,
-        prompts: Sequence[Sequence[int]],
-        gen_length: int,
-        block_length: int,
-        align: str,
-        mask_token_id: int,
-        pad_token_id: int,
-        device: torch.device,
-    ) -> Canvas:
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        origin = block_origin(lengths, block_length, align)  # type: ignore[arg-type]
-        lead = lengths - origin  # prompt tokens sharing block 0
-        start = int(origin.max())
-        pad = start - origin
-        n_blocks = int(torch.div(lead + gen_length + block_length - 1, block_length).max())
-        width = start + n_blocks * block_length
-        cols = torch.arange(width, device=device)[None, :]
-        completion_start = start + lead
-        completion_end = completion_start + gen_length
-        real = (cols >= pad[:, None]) & (cols < completion_end[:, None])
-        completion = (cols >= completion_start[:, None]) & (cols < completion_end[:, None])
-        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)
-        ids[completion] = mask_token_id
-        for row, prompt in enumerate(prompts):
-            p0 = int(pad[row])
-            ids[row, p0 : p0 + len(prompt)] = torch.tensor(prompt, device=device)
-        positions = (cols - pad[:, None]).clamp(min=0)
-        blocks = block_index(positions, origin, block_length)
-        return cls(ids, positions, blocks, real, completion, start, completion_start)
 
 
 class Sampler:
@@ -225,7 +187,7 @@ class Sampler:
         logprobs = torch.zeros((batch, width), device=device)
         row_step = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        runner = _Forwarder(model, canvas, cache, b)
+        runner = Forwarder(model, canvas, cache, b, cfg.compile)
         threshold = cfg.threshold if cfg.remasking == "threshold" else None
         nfe = 0
         index = canvas.completion_start[:, None] + torch.arange(cfg.gen_length, device=device)
@@ -263,82 +225,6 @@ class Sampler:
                 break
 
         return _to_rollout(canvas, steps, logprobs, prompt_ids, cfg, b, model, pad_id, eos_id, nfe)
-
-
-class _Forwarder:
-    """Runs the forward of one denoising step under the chosen cache policy."""
-
-    def __init__(self, model: DiffusionLM, canvas: Canvas, cache: str, block_length: int) -> None:
-        self.model = model
-        self.canvas = canvas
-        self.cache = cache
-        self.shift = int(model.shift_logits)
-        # A block-causal cache must end on a block boundary (a token sees its whole block), so
-        # a shifted block model recomputes the previous block to get the column before a0.
-        self.kv_lag = block_length * self.shift
-        self.kv: DynamicCache | None = None
-        self.cached = 0  # number of canvas columns [0, cached) held in self.kv
-        if cache == "kv":
-            self.kv = DynamicCache(config=model.config)
-            prefill = canvas.start - self.kv_lag
-            if prefill > 0:
-                self._forward(0, prefill)
-                self.cached = prefill
-
-    def block_logits(self, a0: int, a1: int, step: int) -> torch.Tensor:
-        """Logits ``[B, a1 - a0, V]`` for the current block's columns."""
-        width = self.canvas.ids.shape[1]
-        keep_prefix = a0 - self.shift
-        if self.cache == "none":
-            logits = self._forward(0, width)
-            return logits[:, a0:a1]
-        if self.cache == "kv":
-            q0 = self.cached
-            logits = self._forward(q0, a1)
-            self._crop(max(a0 - self.kv_lag, 0))
-            return logits[:, a0 - q0 : a1 - q0]
-        if step == 0:  # prefix and dual: refresh the whole cache at the start of a block
-            self.kv, self.cached = DynamicCache(config=self.model.config), 0
-            logits = self._forward(0, width)
-            self._crop(keep_prefix if self.cache == "prefix" else width)
-            return logits[:, a0:a1]
-        if self.cache == "prefix":
-            logits = self._forward(keep_prefix, width)
-            self._crop(keep_prefix)
-        else:  # dual: recompute the block only; its stale cached copy is hidden
-            logits = self._forward(keep_prefix, a1, stale=(keep_prefix, a1))
-            self._crop(width)
-        return logits[:, self.shift : self.shift + a1 - a0]
-
-    def _crop(self, length: int) -> None:
-        assert self.kv is not None
-        extra = self.kv.get_seq_length() - length
-        if extra > 0:
-            self.kv.crop(-extra)
-        self.cached = length
-
-    def _forward(self, q0: int, q1: int, stale: tuple[int, int] | None = None) -> torch.Tensor:
-        c = self.canvas
-        device = c.ids.device
-        cached = self.cached if self.kv is not None else 0
-        key_cols = torch.cat(
-            [torch.arange(cached, device=device), torch.arange(q0, q1, device=device)]
-        )
-        key_valid = c.real[:, key_cols].clone()
-        if stale is not None:
-            key_valid[:, stale[0] : stale[1]] = False
-        bias = attention_bias(
-            c.blocks[:, q0:q1],
-            c.blocks[:, key_cols],
-            key_valid,
-            self.model.layout,
-            self.model.dtype,
-            self_keys=cached + torch.arange(q1 - q0, device=device),
-        )
-        logits = self.model(c.ids[:, q0:q1], c.positions[:, q0:q1], bias, self.kv)
-        if self.kv is not None:
-            self.cached = self.kv.get_seq_length()
-        return logits
 
 
 def _quota(n_masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
