@@ -58,27 +58,10 @@ class AGRPO(Objective):
                 "return_logprobs=True"
             )
         rp = replay(rollout)
-        device = rp.steps.device
         proposal = self._proposal(rp, rollout.logprobs)
-        rows = torch.nonzero(proposal.sum(dim=1) > 0).flatten()
-        k = self.mc_samples
-        if self.low_discrepancy:
-            total = len(rows) * k
-            u = (torch.randperm(total, generator=generator) + uniform((total,), generator)) / total
-        else:
-            u = uniform((len(rows) * k,), generator)
-        u = u.view(len(rows), k).to(device, torch.float64)
-        q = proposal[rows] / proposal[rows].sum(dim=1, keepdim=True)
-        cdf = q.cumsum(dim=1)
-        last = torch.where(q > 0, torch.arange(q.shape[1], device=device), 0).max(dim=1).values
-        step = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).minimum(last[:, None])
-        weight = 1.0 / (k * q.gather(1, step))
-        width = q.shape[1]
-        keys, inverse = torch.unique((rows[:, None] * width + step).flatten(), return_inverse=True)
-        summed = torch.zeros(len(keys), dtype=torch.float64, device=device)
-        summed = summed.scatter_add(0, inverse, weight.flatten())
-        view_rows = torch.div(keys, width, rounding_mode="floor")
-        t = (keys % width)[:, None]
+        k, stratified = self.mc_samples, self.low_discrepancy
+        view_rows, t, summed = draw_steps(proposal, k, stratified, generator)
+        t = t[:, None]
         steps = rp.steps[view_rows]
         masked = rp.canvas.completion[view_rows] & ~((steps >= 0) & (steps < t))
         scored = rp.scorable[view_rows] & (steps == t)
@@ -97,3 +80,29 @@ class AGRPO(Objective):
         surprisal = -logprobs.to(steps.device).double()[rows, rp.completion_index.clamp(min=0)]
         mass = torch.zeros_like(count).scatter_add(1, steps, surprisal * scored)
         return (mass.clamp(min=0) + 1e-8) * (count > 0)
+
+
+def draw_steps(
+    proposal: torch.Tensor, k: int, low_discrepancy: bool, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` draws per row from the unnormalised proposal ``[B, S]`` (rows summing to 0 are
+    skipped), with weights ``1 / (k q(t))``; repeated draws of a step are merged into one with
+    the summed weight. Returns (row, step, weight), each ``[n]``, sorted by row then step."""
+    device = proposal.device
+    rows = torch.nonzero(proposal.sum(dim=1) > 0).flatten()
+    if low_discrepancy:
+        total = len(rows) * k
+        u = (torch.randperm(total, generator=generator) + uniform((total,), generator)) / total
+    else:
+        u = uniform((len(rows) * k,), generator)
+    u = u.view(len(rows), k).to(device, torch.float64)
+    q = proposal[rows] / proposal[rows].sum(dim=1, keepdim=True)
+    cdf = q.cumsum(dim=1)
+    last = torch.where(q > 0, torch.arange(q.shape[1], device=device), 0).max(dim=1).values
+    step = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).minimum(last[:, None])
+    weight = 1.0 / (k * q.gather(1, step))
+    width = q.shape[1]
+    keys, inverse = torch.unique((rows[:, None] * width + step).flatten(), return_inverse=True)
+    summed = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    summed = summed.scatter_add(0, inverse, weight.flatten())
+    return torch.div(keys, width, rounding_mode="floor"), keys % width, summed
