@@ -5,18 +5,20 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
 from typing import Any
 
 from unmask.objectives.advantages import SCALE_REWARDS, GroupAdvantages, group_advantages
 from unmask.objectives.agrpo import AGRPO
-from unmask.objectives.base import Objective, ViewBatch, token_logprobs
+from unmask.objectives.base import Objective, ViewBatch, build, token_logprobs
 from unmask.objectives.coupled import Coupled
 from unmask.objectives.diffu_grpo import DiffuGRPO
 from unmask.objectives.elbo import ELBO
 from unmask.objectives.loss import LOSS_TYPES, LossOutput, normalizers, policy_loss
 from unmask.objectives.random_mask import RandomMask
 from unmask.objectives.replay import Replay, replay
+from unmask.objectives.step_loss import backward_step_loss
+from unmask.objectives.step_objectives import STEP_OBJECTIVES, StepObjective, get_step_objective
+from unmask.objectives.step_replay import StepViews, step_logprobs, step_normalizers
 from unmask.objectives.tracerl import TraceRL
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -26,14 +28,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def get_objective(name: str, **options: Any) -> Objective:
     """The objective called ``name``, with its options (clear errors for unknown ones)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
-    cls = OBJECTIVES[name]
-    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"unknown options {unknown} for objective {name!r}; known: {known}")
-    return cls(**options)
+    return build(OBJECTIVES, name, options, "objective")
 
 
 __all__ = [
@@ -42,6 +37,7 @@ __all__ = [
     "LOSS_TYPES",
     "OBJECTIVES",
     "SCALE_REWARDS",
+    "STEP_OBJECTIVES",
     "Coupled",
     "DiffuGRPO",
     "GroupAdvantages",
@@ -49,12 +45,18 @@ __all__ = [
     "Objective",
     "RandomMask",
     "Replay",
+    "StepObjective",
+    "StepViews",
     "TraceRL",
     "ViewBatch",
+    "backward_step_loss",
     "get_objective",
+    "get_step_objective",
     "group_advantages",
     "normalizers",
     "policy_loss",
     "replay",
+    "step_logprobs",
+    "step_normalizers",
     "token_logprobs",
 ]

@@ -32,15 +32,13 @@ STEP_SAMPLING: tuple[str, ...] = ("uniform", "surprisal")
 
 
 @dataclass
-class AGRPO(Objective):
+class StepDraw:
+    """AGRPO's Monte-Carlo step sampling options, shared by its masked and per-step forms:
+    ``mc_samples`` steps per rollout from a ``uniform`` or ``surprisal`` proposal."""
+
     mc_samples: int = 8
     step_sampling: Literal["uniform", "surprisal"] = "uniform"
     low_discrepancy: bool = True
-
-    name = "agrpo"
-    old_logprobs = "sampler"
-    scores_sampling_distribution = True
-    loss_type = "steps"
 
     def __post_init__(self) -> None:
         if self.mc_samples < 1:
@@ -50,6 +48,14 @@ class AGRPO(Objective):
                 f"agrpo.step_sampling must be one of {STEP_SAMPLING}, got {self.step_sampling!r}"
                 " (entropy sampling needs per-token entropies, which rollouts do not store)"
             )
+
+
+@dataclass
+class AGRPO(StepDraw, Objective):
+    name = "agrpo"
+    old_logprobs = "sampler"
+    scores_sampling_distribution = True
+    loss_type = "steps"
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
         if rollout.logprobs is None:

@@ -10,14 +10,15 @@ in). The shared loss (:mod:`unmask.objectives.loss`) then only needs one normali
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from math import inf
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
 from unmask.models.diffusion_lm import DiffusionLM
-from unmask.objectives.views import SequenceBatch, View, masked_view, two_stream_view
+from unmask.objectives.views import SequenceBatch, View, masked_view, packed_two_stream_view
 from unmask.sampling.remasking import sampling_logits
 from unmask.sampling.rollout import Rollout
 
@@ -39,7 +40,8 @@ class ViewBatch:
       gather per-token ``[B, G]`` tensors (advantages, sampler log-probs) with
       :meth:`per_token`;
     * ``two_stream``: forward ``[clean canvas | noisy copy]`` (block-causal models only), so
-      each block of the view is predicted with the clean blocks before it.
+      each block of the view is predicted with the clean blocks before it; the views of one
+      rollout share one forward row (:func:`~unmask.objectives.views.packed_two_stream_view`).
 
     Attention masks are built per micro-batch by :meth:`forward_view` (a dense mask for every
     view would cost ``N * W * W``).
@@ -98,17 +100,20 @@ class ViewBatch:
         return torch.where(self.scored, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     def forward_view(self, model: DiffusionLM) -> View:
-        """The model inputs of these views: ids, positions, additive mask, logit columns."""
+        """The model inputs of these views: ids, positions, additive mask, logit columns.
+        Two-stream views of one rollout share one forward row (one clean stream)."""
         c, i = self.canvas, self.rollout_index
+        if self.two_stream:
+            if model.layout != "block":
+                raise ValueError("two-stream views need a block-causal model (layout 'block')")
+            return packed_two_stream_view(
+                c, i, self.input_ids, self.scored, model.shift_logits, model.dtype
+            )
         rows = replace(
             c, ids=c.ids[i], positions=c.positions[i], blocks=c.blocks[i], real=c.real[i],
             completion=c.completion[i],
         )  # fmt: skip
-        if not self.two_stream:
-            return masked_view(rows, self.input_ids, model.layout, model.dtype)
-        if model.layout != "block":
-            raise ValueError("two-stream views need a block-causal model (layout 'block')")
-        return two_stream_view(rows, self.input_ids, model.shift_logits, model.dtype)
+        return masked_view(rows, self.input_ids, model.layout, model.dtype)
 
 
 class Objective(ABC):
@@ -134,6 +139,22 @@ class Objective(ABC):
     @abstractmethod
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
         """Views of every rollout; deterministic given a (CPU) ``generator``'s state."""
+
+
+T = TypeVar("T")
+
+
+def build(registry: Mapping[str, type[T]], name: str, options: Mapping[str, Any], what: str) -> T:
+    """``registry[name](**options)``, with errors that name the unknown objective or option
+    (shared by the masked and the per-step objectives)."""
+    if name not in registry:
+        raise ValueError(f"{what} {name!r} is unknown; choose one of {sorted(registry)}")
+    cls = registry[name]
+    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown options {unknown} for objective {name!r}; known: {known}")
+    return cls(**options)
 
 
 def uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
@@ -171,7 +192,7 @@ def token_logprobs(
         view = chunk.forward_view(model)
         rows, cols = chunk.scored.nonzero(as_tuple=True)
         # The LM head runs on the scored columns only (a view scores a few of a long row).
-        read = (rows, view.logit_index[rows, cols])
+        read = view.cells(rows, cols)
         scored = model(view.input_ids, view.position_ids, view.bias, None, read).float()
         scored = scored.index_fill(-1, torch.tensor([model.mask_token_id], device=device), -inf)
         logp = sampling_logits(scored, temperature, top_k, top_p).log_softmax(dim=-1)

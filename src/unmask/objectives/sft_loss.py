@@ -112,7 +112,7 @@ def sft_loss(
     else:
         raise ValueError(f"objective must be one of {SFT_OBJECTIVES}, got {objective!r}")
     rows, cols = noise.mask.nonzero(as_tuple=True)
-    read = (rows, view.logit_index[rows, cols])  # the LM head runs on the noised columns only
+    read = view.cells(rows, cols)  # the LM head runs on the noised columns only
     scored = model(view.input_ids, view.position_ids, view.bias, None, read).float()
     nll = F.cross_entropy(scored, batch.ids[rows, cols], reduction="none")
     weight = 1.0 / noise.t[rows, cols] if elbo_weight else torch.ones_like(nll)

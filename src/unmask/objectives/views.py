@@ -17,7 +17,8 @@ Two kinds of view:
 * :func:`two_stream_view` (block-causal models, BD3-LM style): ``[clean row | noisy copy]``.
   Noisy block k sees the clean blocks before k and itself; clean tokens see clean tokens
   block-causally. Every block is trained in one forward, with exactly the context it has when
-  the sampler denoises it.
+  the sampler denoises it. :func:`packed_two_stream_view` puts several views of one row into
+  one forward (one clean stream, each view's noisy blocks after it).
 """
 
 from __future__ import annotations
@@ -64,14 +65,22 @@ class SequenceBatch:
 
 @dataclass
 class View:
-    """One forward's inputs: ``input_ids`` and ``position_ids`` ``[B, N]``, additive ``bias``
-    ``[B, 1, N, N]``, and ``logit_index`` ``[B, W]``: the output column whose logits predict
-    each column of the clean row (meaningful only where a token is scored)."""
+    """One forward's inputs: ``input_ids`` and ``position_ids`` ``[R, N]``, additive ``bias``
+    ``[R, 1, N, N]``, and, per view (``V`` of them), ``logit_index`` ``[V, W]``: the output
+    column whose logits predict each column of the view's clean row (meaningful only where a
+    token is scored). ``forward_rows`` ``[V]``: the forward row holding each view (None: view
+    i is row i; packed views share a row)."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     bias: torch.Tensor
     logit_index: torch.Tensor
+    forward_rows: torch.Tensor | None = None
+
+    def cells(self, views: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward cells (rows, columns) whose logits predict view cells ``(views, cols)``."""
+        rows = views if self.forward_rows is None else self.forward_rows[views]
+        return rows, self.logit_index[views, cols]
 
 
 def collate(
@@ -158,7 +167,30 @@ def masked_view(
 def two_stream_view(
     batch: SequenceBatch, noisy_ids: torch.Tensor, shift_logits: bool, dtype: torch.dtype
 ) -> View:
-    """``[clean row | noisy copy of columns start..W]`` with the block-diffusion mask.
+    """``[clean row | noisy copy of columns start..W]`` with the block-diffusion mask: each
+    row is one view (:func:`packed_two_stream_view` with every block computed)."""
+    rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
+    return packed_two_stream_view(batch, rows, noisy_ids, None, shift_logits, dtype)
+
+
+def packed_two_stream_view(
+    batch: SequenceBatch,
+    rows: torch.Tensor,
+    noisy_ids: torch.Tensor,
+    scored: torch.Tensor | None,
+    shift_logits: bool,
+    dtype: torch.dtype,
+) -> View:
+    """The views of a row packed into one forward: ``[clean row | noisy blocks ...]``.
+
+    View ``v`` is row ``rows[v]`` of ``batch`` with ``noisy_ids[v]`` as its noisy copy. A
+    noisy block sees itself (the same view's copy of that block) and the clean blocks before
+    it, exactly the context the sampler denoised it in, so several views of one row share one
+    clean stream and each keeps only the noisy blocks where it scores something
+    (``scored`` ``[V, W]``); the clean stream stops where no kept block reads it. Attention
+    and log-probs equal one ``[clean | noisy]`` row per view; a rollout's trace steps cost one
+    clean stream instead of one per step. ``scored=None`` keeps every block and the whole
+    clean row (one view per row: the SFT layout).
 
     The noisy copy repeats the clean copy's position ids. With shifted logits the first token
     of a block is predicted from the last column of the previous block, which the sampler has
@@ -168,30 +200,71 @@ def two_stream_view(
     if (width - s) % b:
         raise ValueError("two_stream_view needs a batch collated with whole_blocks=True")
     device = batch.ids.device
-    stream = torch.cat(
-        [torch.zeros(width, dtype=torch.bool), torch.ones(width - s, dtype=torch.bool)]
-    ).to(device)
-    blocks = torch.cat([batch.blocks, batch.blocks[:, s:]], dim=1)
-    valid = torch.cat([batch.real, batch.real[:, s:]], dim=1)
-    q_noisy, k_noisy = stream[None, :, None], stream[None, None, :]
+    n_blocks = (width - s) // b
+    if scored is None:
+        needed = torch.ones(len(rows), n_blocks, dtype=torch.bool, device=device)
+    else:
+        needed = scored[:, s:].reshape(len(rows), n_blocks, b).any(dim=-1)
+    canvas_rows, forward_rows = torch.unique(rows, return_inverse=True)
+    count = len(canvas_rows)
+    # The clean stream: every column before the last kept block (noisy block k reads clean
+    # blocks < k), or the whole row.
+    if scored is None:
+        clean_len = torch.full((count,), width, device=device)
+    else:
+        last = torch.where(needed, torch.arange(n_blocks, device=device), -1).max(dim=1).values
+        last_kept = torch.full((count,), -1, device=device).scatter_reduce(
+            0, forward_rows, last, "amax"
+        )
+        clean_len = s + last_kept.clamp(min=0) * b
+    # Noisy segments (view, block), grouped by forward row, in view then block order.
+    seg_view, seg_block = needed.nonzero(as_tuple=True)
+    order = torch.argsort(forward_rows[seg_view], stable=True)
+    seg_view, seg_block = seg_view[order], seg_block[order]
+    seg_row = forward_rows[seg_view]
+    per_row = torch.bincount(seg_row, minlength=count)
+    rank = torch.arange(len(seg_row), device=device) - (torch.cumsum(per_row, 0) - per_row)[seg_row]
+    seg_start = clean_len[seg_row] + rank * b
+    length = int((clean_len + per_row * b).max())
+
+    cols = torch.arange(length, device=device)
+    clean = cols[None, :] < clean_len[:, None]
+    source = cols.clamp(max=width - 1).expand(count, -1)
+    ids = torch.where(clean, batch.ids[canvas_rows].gather(1, source), 0)
+    positions = torch.where(clean, batch.positions[canvas_rows].gather(1, source), 0)
+    blocks = torch.where(clean, batch.blocks[canvas_rows].gather(1, source), 0)
+    valid = clean & batch.real[canvas_rows].gather(1, source)
+    segment = torch.full((count, length), -1, device=device)  # -1: the clean stream
+    offset = torch.arange(b, device=device)
+    at = (seg_row.repeat_interleave(b), (seg_start[:, None] + offset).flatten())
+    view = seg_view.repeat_interleave(b)
+    column = (s + seg_block[:, None] * b + offset).flatten()
+    ids[at] = noisy_ids[view, column]
+    positions[at] = batch.positions[rows[view], column]
+    blocks[at] = batch.blocks[rows[view], column]
+    valid[at] = batch.real[rows[view], column]
+    segment[at] = torch.arange(len(seg_view), device=device).repeat_interleave(b)
+
+    noisy = segment >= 0
+    q_noisy, k_noisy = noisy[:, :, None], noisy[:, None, :]
     qb, kb = blocks[:, :, None], blocks[:, None, :]
     allowed = torch.where(
         q_noisy,
-        torch.where(k_noisy, kb == qb, kb < qb),  # noisy query: its own noisy block, earlier clean
+        # noisy query: its own noisy block, earlier clean blocks
+        torch.where(k_noisy, segment[:, :, None] == segment[:, None, :], kb < qb),
         ~k_noisy & (kb <= qb),  # clean query: clean tokens, block-causally
     )
-    allowed = (allowed & valid[:, None, :]) | torch.eye(
-        len(stream), dtype=torch.bool, device=device
-    )
+    allowed = (allowed & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    cols = torch.arange(width, device=device)
-    logit_index = torch.where(cols >= s, cols + width - s, cols)
+
+    starts = torch.zeros(len(rows), n_blocks, dtype=torch.long, device=device)
+    starts[seg_view, seg_block] = seg_start
+    canvas_cols = torch.arange(width, device=device)
+    inside = (canvas_cols - s).clamp(min=0)
+    logit_index = starts[:, torch.div(inside, b, rounding_mode="floor")] + inside % b
+    logit_index = torch.where(canvas_cols >= s, logit_index, canvas_cols)
     if shift_logits:
-        logit_index = torch.where((cols >= s) & ((cols - s) % b == 0), cols, logit_index)
-    return View(
-        input_ids=torch.cat([batch.ids, noisy_ids[:, s:]], dim=1),
-        position_ids=torch.cat([batch.positions, batch.positions[:, s:]], dim=1),
-        bias=bias[:, None],
-        logit_index=logit_index.expand(batch.ids.shape[0], -1),
-    )
+        first = (canvas_cols >= s) & (inside % b == 0)
+        logit_index = torch.where(first, canvas_cols, logit_index)
+    return View(ids, positions, bias[:, None], logit_index, forward_rows)

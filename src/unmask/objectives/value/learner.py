@@ -253,7 +253,7 @@ def scored_values(
     view = views.forward_view(core)  # type: ignore[arg-type]
     values = model(view.input_ids, view.position_ids, view.bias)
     rows, cols = views.scored.nonzero(as_tuple=True)
-    picked = values[rows, view.logit_index[rows, cols]]
+    picked = values[view.cells(rows, cols)]
     return torch.zeros(views.scored.shape, device=device).index_put((rows, cols), picked)
 
 
