@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UNMASK_NO_BROWSER=1 bash scripts/setup.sh  # the browser is only for a test
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+echo "setup: done; starting unmask quickstart" >&2
 exec .venv/bin/unmask quickstart "$@"

@@ -5,12 +5,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+step() { echo "setup: $*" >&2; }  # each step says what it does: the installs take minutes
 if [ ! -x .venv/bin/python ]; then
+  step "creating .venv with $("$PY" --version 2>&1)"
   "$PY" -m venv .venv
+else
+  step "using the existing .venv"
 fi
+step "upgrading pip"
 .venv/bin/python -m pip install -q --upgrade pip
+step "installing torch 2.13.0, CPU build (first time: about 200 MB, a few minutes)"
 .venv/bin/python -m pip install -q "torch==2.13.0"
+step "installing unmask and its dependencies (transformers, accelerate, datasets, ...)"
 .venv/bin/python -m pip install -q -e ".[dev]"
+step "checking the optional tools (bubblewrap for the code sandbox)"
 # Code tasks run model-written programs under bubblewrap when it is installed (docs/sandbox.md).
 # Best effort: without it they use a weaker fallback, so setup never fails here.
 if ! command -v bwrap >/dev/null 2>&1; then

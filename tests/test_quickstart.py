@@ -7,9 +7,10 @@ import shutil
 
 import pytest
 
+from repo_root import REPO
 from unmask.cli import main
 from unmask.config import ConfigError
-from unmask.quickstart import QuickstartConfig, compare, plan, run_quickstart
+from unmask.quickstart import OPTIONS, QuickstartConfig, compare, plan, run_quickstart
 
 TINY = {
     "minutes": None,
@@ -74,6 +75,31 @@ def test_a_second_run_reuses_the_cached_sft_model_and_keeps_the_budget(tmp_path)
     assert not (tmp_path / "second" / "sft" / "metrics.jsonl").exists()  # not trained again
     assert (tmp_path / "second" / "rl" / "final" / "model.safetensors").is_file()
     assert results["rl_steps"] == 1
+
+
+def test_a_time_cap_that_cuts_rl_is_reported(tmp_path, capsys):
+    results = run_quickstart(_config(tmp_path, minutes=0.001, rl={**TINY["rl"], "max_steps": 5}))
+    said = "RL stopped at 1/5 steps: time cap"
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["stopped"] == saved["stopped"] == said
+    assert (saved["rl_steps"], saved["rl_max_steps"]) == (1, 5)
+    out = capsys.readouterr().out
+    assert said in out  # the table's caption and the line after it
+    assert "results: " + str(tmp_path / "run" / "results.json") in out.replace("\n", "")
+
+
+def test_a_full_run_says_its_steps_and_no_cap(tmp_path):
+    results = run_quickstart(_config(tmp_path, rl={**TINY["rl"], "max_steps": 1}))
+    assert results["stopped"] is None and results["rl_steps"] == results["rl_max_steps"] == 1
+
+
+def test_every_option_is_documented():
+    from dataclasses import fields
+
+    names = [f.name for f in fields(QuickstartConfig)]
+    assert list(OPTIONS) == names
+    docs = (REPO / "docs" / "quickstart.md").read_text()
+    assert all(f"`{name}`" in docs for name in names)
 
 
 def test_recipe_overrides_are_checked_and_named(tmp_path):

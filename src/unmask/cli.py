@@ -154,7 +154,7 @@ def _quickstart(args: argparse.Namespace) -> int:
     from unmask.quickstart import QuickstartConfig, run_quickstart
 
     overrides = list(args.overrides)
-    for name in ("task", "objective", "minutes", "output_dir"):
+    for name in ("task", "objective", "minutes", "seed", "output_dir"):
         value = getattr(args, name)
         if value is not None:
             overrides.append(f"{name}={json.dumps(value)}")
@@ -283,14 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="continue from the latest checkpoint in output_dir, or from the folder given",
         )
         sub.set_defaults(run=run)
+    from unmask.quickstart import options_help
+
     qs = commands.add_parser(
-        "quickstart", help="the main CPU job: SFT a tiny model, evaluate, RL, evaluate again"
+        "quickstart",
+        help="the main CPU job: SFT a tiny model, evaluate, RL, evaluate again",
+        epilog=options_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     qs.add_argument("config", nargs="?", help="YAML config (optional; see docs/quickstart.md)")
     qs.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.lr=1e-4")
     qs.add_argument("--task", help="sudoku (default) or countdown")
     qs.add_argument("--objective", help="tracerl (default), agrpo, diffu_grpo, coupled, ...")
-    qs.add_argument("--minutes", type=float, help="wall-clock budget of the whole run")
+    qs.add_argument("--minutes", type=float, help="optional wall-clock cap of the whole run")
+    qs.add_argument("--seed", type=int, help="seeds SFT, RL and the evaluations (default 0)")
     qs.add_argument("--output-dir", dest="output_dir", help="run folder (runs/quickstart)")
     qs.set_defaults(run=_quickstart)
     srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serve.md)")

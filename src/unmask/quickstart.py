@@ -29,6 +29,7 @@ import yaml
 from unmask.config import ConfigError, from_dict, to_dict
 from unmask.sampling.sampler import SamplerConfig
 from unmask.tasks.registry import TASKS
+from unmask.train.pace import clock, time_cap_message
 from unmask.train.rl import RLConfig
 from unmask.train.sft import SFTConfig
 
@@ -70,13 +71,41 @@ RECIPES: dict[str, Recipe] = {
 MODES: tuple[str, ...] = ("sampled", "greedy")
 
 
+# Every QuickstartConfig field, as `unmask quickstart --help` and docs/quickstart.md list them.
+OPTIONS: dict[str, str] = {
+    "task": "sudoku (default) or countdown; picks the recipe",
+    "objective": "tracerl (default) or any RL objective (docs/objectives.md)",
+    "model": "a preset, folder or hub name to start SFT from (default: the recipe's)",
+    "output_dir": "the run folder (default runs/quickstart)",
+    "cache_dir": "where finished SFT models are kept by recipe (default "
+    "~/.cache/unmask/quickstart, or $XDG_CACHE_HOME/unmask/quickstart)",
+    "minutes": "optional wall-clock cap of the whole run; RL stops early to fit it and the "
+    "results say so (default: none, the recipe's steps)",
+    "seed": "seeds SFT, RL and the evaluations (default 0)",
+    "eval_limit": "held-out rows evaluated before and after RL (default 512)",
+    "eval_batch_size": "rows sampled at once in the evaluations (default 256)",
+    "task_options": "the task's options, e.g. task_options.blanks=8",
+    "sft": "any `unmask sft` field, e.g. sft.max_steps=500 (docs/sft.md)",
+    "rl": "any `unmask rl` field, e.g. rl.lr=1e-4 (docs/rl.md)",
+    "progress": "progress bars and the plan's timing lines (default true)",
+}
+
+
+def options_help() -> str:
+    """The ``--help`` epilog: every option as ``key=value``."""
+    width = max(map(len, OPTIONS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in OPTIONS.items()]
+    return "options (key=value, or in the YAML config):\n" + "\n".join(lines)
+
+
 @dataclass
 class QuickstartConfig:
     """``unmask quickstart``: what to run, and where; the recipe fills in the rest.
 
-    ``minutes`` is a wall-clock budget for the whole run: RL stops early (saving its model)
-    when the remaining time would not leave room for the final evaluation. ``sft`` and ``rl``
-    hold field overrides of the recipe's trainer configs (``rl.lr=1e-4``).
+    The recipe fixes the steps of both trainers. ``minutes``, when set, caps the wall time of
+    the whole run: RL then stops early (saving its model) when the remaining time would not
+    leave room for the final evaluation, and the results say so. ``sft`` and ``rl`` hold field
+    overrides of the recipe's trainer configs (``rl.lr=1e-4``). Every field: :data:`OPTIONS`.
     """
 
     task: str = "sudoku"
@@ -84,7 +113,7 @@ class QuickstartConfig:
     model: str | None = None  # None: the recipe's preset
     output_dir: str = "runs/quickstart"
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/unmask/quickstart (~/.cache/...)
-    minutes: float | None = 10.0
+    minutes: float | None = None  # None: no time cap, the recipe's steps
     seed: int = 0
     eval_limit: int = 512
     eval_batch_size: int = 256
@@ -126,10 +155,10 @@ def plan(config: QuickstartConfig) -> Plan:
     task_options = {**recipe.task_options, **config.task_options}
     data = {"task": config.task, "options": task_options, "split": "train"}
     model = config.model or recipe.model
-    sft = _build(SFTConfig, "sft", {
+    sft = _build(SFTConfig, "sft", _merge({
         "model": model, "seed": config.seed, "data": data, "save_every": 50, "log_every": 10,
-        "progress": config.progress, **recipe.sft,
-    }, config.sft)  # fmt: skip
+        "progress": config.progress,
+    }, recipe.sft), config.sft)  # fmt: skip
     rl = _build(RLConfig, "rl", {
         "objective": config.objective, "seed": config.seed, "data": data, "save_every": 10,
         "progress": config.progress,
@@ -163,6 +192,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     out = Path(config.output_dir)
     _check_same_run(out, config)
     show = _Stages(config, began)
+    show.plan(p)
 
     sft_final = out / "sft" / FINAL
     show.stage(1, f"SFT {p.sft.model} on {config.task} ({p.sft.max_steps} steps)")
@@ -195,10 +225,14 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
     after = _evaluate(config, p, rl_final, out / "eval_rl")
 
     results = compare(before, after, TASKS[config.task].accuracy_reward)
+    rl_steps = _last_step(out / "rl")
+    cut = rl_steps is not None and rl_steps < p.rl.max_steps
     results.update(
         task=config.task,
         objective=config.objective,
-        rl_steps=_last_step(out / "rl"),
+        rl_steps=rl_steps,
+        rl_max_steps=p.rl.max_steps,
+        stopped=time_cap_message("RL", rl_steps, p.rl.max_steps) if cut else None,
         wall_s=time.monotonic() - began,
     )
     (out / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n")
@@ -272,6 +306,12 @@ def _fmt(value: float, ci: list[float] | None) -> str:
     return text if ci is None else f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
+def _title(results: Mapping[str, Any]) -> str:
+    """``sudoku: tracerl, RL 600 steps``, or the time cap's words when it cut RL."""
+    steps = results["stopped"] or f"RL {results['rl_steps']} steps"
+    return f"{results['task']}: {results['objective']}, {steps}"
+
+
 def _table_png(results: Mapping[str, Any], path: Path) -> None:
     from unmask.viz.plots import plot_table
 
@@ -284,8 +324,7 @@ def _table_png(results: Mapping[str, Any], path: Path) -> None:
         }
         for r in results["rows"]
     ]
-    plot_table(rows, path, title=f"{results['task']}: {results['objective']}, "
-               f"{results['num_samples']} held-out samples")  # fmt: skip
+    plot_table(rows, path, title=f"{_title(results)}, {results['num_samples']} held-out samples")
 
 
 # -- stages ----------------------------------------------------------------------------------
@@ -319,7 +358,7 @@ def _evaluate(
     finished evaluation left there); each summary gains its per-sample rewards."""
     from unmask.eval.evaluate import evaluate
     from unmask.models.diffusion_lm import DiffusionLM
-    from unmask.train.common import build_task
+    from unmask.train.common import build_task, pin_threads
 
     model = task = None
     summaries: dict[str, dict[str, Any]] = {}
@@ -330,6 +369,7 @@ def _evaluate(
         else:
             if model is None:
                 model = DiffusionLM.from_pretrained(str(model_dir))
+                pin_threads(model, model.device, p.rl.cpu_threads)
                 task = build_task(config.task, p.task_options, model.tokenizer)
             summary = evaluate(model, task, sampler, split="test", limit=config.eval_limit,
                                batch_size=config.eval_batch_size, output_dir=folder,
@@ -392,9 +432,18 @@ class _Stages:
         self.console = Console(stderr=True)
         self.config, self.began = config, began
 
+    def plan(self, p: Plan) -> None:
+        """The steps before any work; each trainer adds its time once its first steps ran."""
+        cap = (f"time cap {clock(self.config.minutes * 60)}: RL stops early to fit it"
+               if self.config.minutes else "no time cap (minutes=N sets one)")  # fmt: skip
+        self.console.print(
+            f"plan: SFT {p.sft.max_steps} steps, evaluate, RL ({self.config.objective}) "
+            f"{p.rl.max_steps} steps, evaluate; {cap}"
+        )
+
     def stage(self, number: int, what: str) -> None:
-        elapsed = _clock(time.monotonic() - self.began)
-        budget = f" of {_clock(self.config.minutes * 60)}" if self.config.minutes else ""
+        elapsed = clock(time.monotonic() - self.began)
+        budget = f" of {clock(self.config.minutes * 60)}" if self.config.minutes else ""
         self.console.print(f"[bold]\\[{number}/4][/bold] {what}  [dim]({elapsed}{budget})[/dim]")
 
     def note(self, text: str) -> None:
@@ -404,8 +453,8 @@ class _Stages:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{results['task']}, {results['objective']}: held-out, "
-                      f"{results['num_samples']} rows, 95% intervals")  # fmt: skip
+        table = Table(title=f"{_title(results)}; held-out, {results['num_samples']} rows, "
+                      "95% intervals", caption=results["stopped"])  # fmt: skip
         for column in ("metric", "SFT", "SFT + RL", "change"):
             table.add_column(column, justify="left" if column == "metric" else "right")
         for r in results["rows"]:
@@ -414,11 +463,9 @@ class _Stages:
         console = Console()
         console.print(table)
         verdict = "intervals do not overlap" if results["significant"] else "intervals overlap"
+        if results["stopped"]:
+            console.print(f"[bold]{results['stopped']}[/bold]")
         console.print(f"accuracy ({results['headline']}) {results['accuracy_gain']:+.3f} "
-                      f"({verdict}); "
-                      f"{_clock(results['wall_s'])} in all; "
-                      f"results in {self.config.output_dir}/{RESULTS_JSON}")  # fmt: skip
-
-
-def _clock(seconds: float) -> str:
-    return f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+                      f"({verdict}); {clock(results['wall_s'])} in all")  # fmt: skip
+        # On a line of its own and never wrapped, so the path can be copied.
+        console.print(f"results: {Path(self.config.output_dir) / RESULTS_JSON}", soft_wrap=True)

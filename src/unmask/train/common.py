@@ -94,6 +94,27 @@ def training_model(
     return model
 
 
+# Models under this many parameters train on one CPU thread by default (``cpu_threads``).
+TINY_MODEL_PARAMETERS = 5_000_000
+
+
+def pin_threads(model: nn.Module, device: torch.device, threads: int | None) -> None:
+    """Set torch's intra-op threads for a CPU run: ``threads``, or for a model under
+    :data:`TINY_MODEL_PARAMETERS` one thread. Such a model's matrices are too small to split:
+    a second thread only adds barriers (slower still when another job holds the other core,
+    benchmarks/RESULTS.md), and one thread gives the same sums, hence the same model, on any
+    machine. Larger models keep torch's default unless ``threads`` is set."""
+    if device.type != "cpu":
+        return
+    if threads is None:
+        if sum(p.numel() for p in model.parameters()) >= TINY_MODEL_PARAMETERS:
+            return
+        threads = 1
+    if threads < 1:
+        raise ValueError(f"cpu_threads must be >= 1 or null, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def adapt_block_size(model: DiffusionLM, block_size: int | None) -> None:
     """Train ``model`` at ``block_size`` (the config's ``block_size``; None keeps the native one).
 

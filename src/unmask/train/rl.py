@@ -58,13 +58,16 @@ from unmask.train.common import (
     checkpoint_to_resume,
     eval_metrics,
     make_accelerator,
+    notice,
     on_any_process,
+    pin_threads,
     save_final,
     training_model,
     write_plots,
 )
 from unmask.train.curriculum import CurriculumStage, check_curriculum, difficulty_rows, stage_at
 from unmask.train.metrics import MetricsWriter
+from unmask.train.pace import Pace, time_cap_message
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,7 @@ class RLConfig:
     cpu: bool = False
     lora: LoRAConfig | None = None
     gradient_checkpointing: bool = False
+    cpu_threads: int | None = None  # None: 1 for models under 5M parameters on CPU
     save_every: int = 0
     keep_last: int = 2
     max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
@@ -207,6 +211,7 @@ class RLTrainer:
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         adapt_block_size(model, _training_block(cfg, model))
+        pin_threads(model, acc.device, cfg.cpu_threads)
         if model.tokenizer is None:
             raise ValueError("RL needs the model's tokenizer to decode completions for rewards")
         self.core = model.to(acc.device)
@@ -261,28 +266,34 @@ class RLTrainer:
                    disable=not (cfg.progress and main))  # fmt: skip
         if cfg.eval.every and start == 0:
             writer.log(0, self.evaluate())
-        began = time.perf_counter()
+        pace = Pace("rl", start, cfg.max_steps, cfg.max_time_s, enabled=cfg.progress and main)
+        cut = False
         for step in range(start + 1, cfg.max_steps + 1):
             self.steps_done = step - 1
             metrics = self.step()
-            last = step == cfg.max_steps or self._out_of_time(began)
+            cut = step < cfg.max_steps and on_any_process(acc, pace.out_of_time())
+            last = step == cfg.max_steps or cut
             if self.guard.failing:
                 writer.log(step, metrics)
                 writer.close()
                 raise self.guard.error(step, self.output_dir)
             if step % cfg.log_every == 0 or last:
                 writer.log(step, metrics)
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics.get('kl', 0.0):.3f}")
+            postfix = {"reward": f"{metrics['reward']:.3f}"}
+            if "kl" in metrics:  # computed only with beta > 0
+                postfix["kl"] = f"{metrics['kl']:.3f}"
+            bar.set_postfix(postfix)
             bar.update(1)
+            pace.tick(step)
             if cfg.eval.every and (step % cfg.eval.every == 0 or last):
                 writer.log(step, self.evaluate())
             if cfg.save_every and step % cfg.save_every == 0:
                 self.save(step)
             if last:
-                if step < cfg.max_steps:
-                    logger.info("max_time_s=%s reached after step %d", cfg.max_time_s, step)
                 break
         bar.close()
+        if cut and main:
+            notice(f"{time_cap_message('RL', step, cfg.max_steps)} (max_time_s={cfg.max_time_s:g})")
         final = self.output_dir / "final"
         if main:
             save_final(acc.unwrap_model(self.model), final)
@@ -293,13 +304,6 @@ class RLTrainer:
         if main and cfg.plots:
             write_plots(self.output_dir)
         return final
-
-    def _out_of_time(self, began: float) -> bool:
-        """Past ``max_time_s`` on any process (all processes stop at the same step)."""
-        if self.config.max_time_s is None:
-            return False
-        over = time.perf_counter() - began > self.config.max_time_s
-        return on_any_process(self.accelerator, over)
 
     def step(self) -> dict[str, float]:
         """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""

@@ -46,11 +46,13 @@ from unmask.train.common import (
     checkpoint_to_resume,
     eval_metrics,
     make_accelerator,
+    pin_threads,
     save_final,
     training_model,
     write_plots,
 )
 from unmask.train.metrics import MetricsWriter
+from unmask.train.pace import Pace
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class SFTConfig:
     cpu: bool = False
     lora: LoRAConfig | None = None
     gradient_checkpointing: bool = False
+    cpu_threads: int | None = None  # None: 1 for models under 5M parameters on CPU
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_last: int = 2
     max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
@@ -185,6 +188,7 @@ class SFTTrainer:
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         adapt_block_size(model, cfg.block_size)
+        pin_threads(model, acc.device, cfg.cpu_threads)
         self.core = model.to(acc.device).train()
         self.objective = resolve_objective(cfg.objective, model.layout)
         if task is None and (pairs is None or cfg.eval.every):
@@ -227,8 +231,10 @@ class SFTTrainer:
         if cfg.eval.every and start == 0:
             writer.log(0, self.evaluate())
         self._began = time.perf_counter()
+        pace = Pace("sft", start, cfg.max_steps, enabled=cfg.progress and main)
         for step in range(start + 1, cfg.max_steps + 1):
             self.window.add(self._step(step))
+            pace.tick(step)
             failing = self.guard.failing
             if step % cfg.log_every == 0 or step == cfg.max_steps or failing:
                 metrics = self.window.flush()
