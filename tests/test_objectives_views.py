@@ -65,7 +65,7 @@ def test_views_score_only_hidden_completion_tokens(rollout, name, options):
     hidden = views.input_ids == MASK
     assert not (hidden & ~canvas.real[rows]).any()  # padding is never masked
     prompt = canvas.real[rows] & ~completion
-    if name != "diffu_grpo":
+    if not OBJECTIVES[name].masks_prompt:
         assert not (hidden & prompt).any()
     # positions never decoded are hidden in every view
     undecoded = torch.zeros_like(canvas.completion)

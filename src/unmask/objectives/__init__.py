@@ -16,13 +16,15 @@ from unmask.objectives.elbo import ELBO
 from unmask.objectives.loss import LOSS_TYPES, LossOutput, normalizers, policy_loss
 from unmask.objectives.random_mask import RandomMask
 from unmask.objectives.replay import Replay, replay
+from unmask.objectives.spg import SPG
 from unmask.objectives.step_loss import backward_step_loss
 from unmask.objectives.step_objectives import STEP_OBJECTIVES, StepObjective, get_step_objective
 from unmask.objectives.step_replay import StepViews, step_logprobs, step_normalizers
 from unmask.objectives.tracerl import TraceRL
+from unmask.objectives.wd1 import WD1
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (TraceRL, AGRPO, DiffuGRPO, Coupled, RandomMask, ELBO)
+    cls.name: cls for cls in (TraceRL, AGRPO, DiffuGRPO, Coupled, RandomMask, ELBO, SPG, WD1)
 }
 
 
@@ -37,7 +39,9 @@ __all__ = [
     "LOSS_TYPES",
     "OBJECTIVES",
     "SCALE_REWARDS",
+    "SPG",
     "STEP_OBJECTIVES",
+    "WD1",
     "Coupled",
     "DiffuGRPO",
     "GroupAdvantages",

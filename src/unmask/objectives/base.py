@@ -128,6 +128,11 @@ class Objective(ABC):
       :func:`token_logprobs`); otherwise temperature 1, the denoiser itself.
     * ``loss_type`` and ``importance_sampling_level``: the method's own normalisation and ratio
       level (see :mod:`unmask.objectives.loss`), used when the config does not choose.
+    * ``masks_prompt``: views may hide prompt tokens (d1's prompt masking), so generic checks
+      that the prompt stays visible do not apply.
+    * ``ratio_free``: no importance ratio (SPG, wd1): the trainer skips old log-probs and asks
+      :meth:`reweight` for the advantages and weights that give the shared loss, at ratio 1,
+      the method's gradient.
     """
 
     name: ClassVar[str]
@@ -135,6 +140,20 @@ class Objective(ABC):
     scores_sampling_distribution: ClassVar[bool] = False
     loss_type: ClassVar[str] = "dapo"
     importance_sampling_level: ClassVar[ImportanceSamplingLevel] = "token"
+    masks_prompt: ClassVar[bool] = False
+    ratio_free: ClassVar[bool] = False
+
+    def reweight(
+        self,
+        views: ViewBatch,
+        logprobs: torch.Tensor,
+        advantages: torch.Tensor,
+        lengths: torch.Tensor,
+        num_generations: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ratio-free objectives: the per-rollout advantages and per-token weights for the
+        shared loss (``views`` holds whole rollouts; ``logprobs`` detached). Others: as is."""
+        return advantages, views.weights
 
     @abstractmethod
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:

@@ -24,6 +24,7 @@ class DiffuGRPO(Objective):
     p_mask_prompt: float = 0.15
 
     name = "diffu_grpo"
+    masks_prompt = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_mask_prompt < 1.0:

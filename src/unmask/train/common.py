@@ -115,6 +115,16 @@ def pin_threads(model: nn.Module, device: torch.device, threads: int | None) -> 
     torch.set_num_threads(threads)
 
 
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off in the policy, as TRL does: the sampler scores in eval mode and the loss in
+    train mode, so with dropout on (LoRA's default 0.05) on-policy ratios are not 1. Setting
+    ``p = 0`` instead of calling ``eval()`` keeps gradient checkpointing, which transformers
+    only applies in train mode."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
 def adapt_block_size(model: DiffusionLM, block_size: int | None) -> None:
     """Train ``model`` at ``block_size`` (the config's ``block_size``; None keeps the native one).
 

@@ -56,6 +56,7 @@ from unmask.train.common import (
     build_optimizer,
     build_task,
     checkpoint_to_resume,
+    disable_dropout,
     eval_metrics,
     make_accelerator,
     notice,
@@ -211,6 +212,7 @@ class RLTrainer:
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         adapt_block_size(model, _training_block(cfg, model))
+        disable_dropout(model)
         pin_threads(model, acc.device, cfg.cpu_threads)
         if model.tokenizer is None:
             raise ValueError("RL needs the model's tokenizer to decode completions for rewards")
@@ -467,12 +469,18 @@ class RLTrainer:
                     logp, entropy = token_logprobs(
                         self.policy, chunk, len(chunk), with_entropy=True, **sample_kw
                     )
+                    chunk_adv = advantages if per_token is None else per_token[rows]
+                    weights = chunk.weights
+                    if self.objective.ratio_free:  # its weights may depend on the log-probs
+                        chunk_adv, weights = self.objective.reweight(
+                            chunk, logp.detach(), advantages, lengths, cfg.num_generations
+                        )
                     out = policy_loss(
                         logp,
                         logp.detach() if old is None else old[rows].to(device),
-                        advantages if per_token is None else per_token[rows],
+                        chunk_adv,
                         chunk.scored,
-                        chunk.weights,
+                        weights,
                         chunk.rollout_index,
                         divisors,
                         None if ref is None else ref[rows].to(device),
@@ -542,7 +550,7 @@ class RLTrainer:
         if self.objective.old_logprobs == "sampler":
             assert rollout.logprobs is not None
             return views.per_token(rollout.logprobs)
-        if self.config.num_iterations == 1:
+        if self.config.num_iterations == 1 or self.objective.ratio_free:
             return None
         self.core.eval()
         with self.accelerator.autocast():
