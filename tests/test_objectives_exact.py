@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 
+from toy_tables import logprob_table
 from unmask.models import build_char_tokenizer, from_preset
 from unmask.objectives import get_objective, token_logprobs
 from unmask.sampling import Rollout, Sampler, SamplerConfig
@@ -47,12 +48,7 @@ def _param(model):
 
 def exact_table(model, states):
     """log p(token | state) for every state and completion position ``[S, L, V]`` (with grad)."""
-    ids = torch.tensor([[*PROMPT, *s] for s in states])
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    bias = torch.zeros(len(states), 1, ids.shape[1], ids.shape[1])
-    logits = model(ids, positions, bias)[:, len(PROMPT) :].float()
-    logits[..., MASK] = float("-inf")
-    return logits.log_softmax(dim=-1)
+    return logprob_table(model, states, PROMPT, MASK)
 
 
 def state_of(tokens, revealed):

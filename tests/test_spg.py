@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tiny_rl import read_metrics, rl_config, sevens_task
+from toy_tables import logprob_table
 from unmask.models import build_char_tokenizer, from_preset
 from unmask.objectives import (
     Objective,
@@ -48,12 +49,7 @@ def toy():
 def _table(model, states):
     """log pi(token | state) for every state and completion position ``[S, L, V]``."""
     with torch.no_grad():
-        ids = torch.tensor([[*PROMPT, *s] for s in states])
-        positions = torch.arange(ids.shape[1]).expand_as(ids)
-        bias = torch.zeros(len(states), 1, ids.shape[1], ids.shape[1])
-        logits = model(ids, positions, bias)[:, len(PROMPT) :].float()
-    logits[..., MASK] = float("-inf")
-    return logits.log_softmax(dim=-1)
+        return logprob_table(model, states, PROMPT, MASK)
 
 
 def _reveals(tokens, block):
