@@ -66,6 +66,13 @@ def test_generated_puzzles_are_unique_with_exact_blanks(blanks: int) -> None:
         assert count_solutions(puzzle) == 1
 
 
+def test_a_blanks_range_draws_each_count_in_it() -> None:
+    rows = SudokuTask(blanks=[2, 5], num_test=200).rows("test")
+    counts = {r["puzzle"].count("0") for r in rows}
+    assert counts == {2, 3, 4, 5}
+    assert all(count_solutions(r["puzzle"]) == 1 for r in rows)
+
+
 def test_train_and_test_share_no_solution_grid() -> None:
     task = SudokuTask(num_train=2000, num_test=300)
     train = {r["solution"] for r in task.rows("train")}
@@ -92,7 +99,10 @@ def test_too_many_puzzles_for_the_grids_is_a_clear_error() -> None:
         SudokuTask(blanks=1, test_grids=1, num_test=17).rows("test")
 
 
-@pytest.mark.parametrize("options", [{"blanks": 0}, {"blanks": 13}, {"test_grids": 288}])
+@pytest.mark.parametrize(
+    "options",
+    [{"blanks": 0}, {"blanks": 13}, {"blanks": [5, 2]}, {"blanks": [1, 13]}, {"test_grids": 288}],
+)
 def test_bad_options(options: dict) -> None:
     with pytest.raises(ValueError):
         SudokuTask(**options)

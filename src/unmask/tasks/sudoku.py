@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, ClassVar
@@ -107,9 +107,11 @@ def split_grids(test_grids: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def generate_puzzles(
-    grids: tuple[str, ...], count: int, blanks: int, rng: random.Random
+    grids: tuple[str, ...], count: int, blanks: int | Sequence[int], rng: random.Random
 ) -> list[tuple[str, str]]:
-    """``count`` distinct ``(puzzle, solution)`` pairs on ``grids`` with ``blanks`` blanks."""
+    """``count`` distinct ``(puzzle, solution)`` pairs on ``grids`` with ``blanks`` blanks, or
+    with a number drawn uniformly from ``[low, high]`` per puzzle."""
+    low, high = (blanks, blanks) if isinstance(blanks, int) else blanks
     pairs: list[tuple[str, str]] = []
     seen: set[str] = set()
     attempts = 0
@@ -121,7 +123,7 @@ def generate_puzzles(
             )
         attempts += 1
         grid = rng.choice(grids)
-        puzzle = make_puzzle(grid, blanks, rng)
+        puzzle = make_puzzle(grid, rng.randint(low, high) if low < high else low, rng)
         if puzzle is not None and puzzle not in seen:
             seen.add(puzzle)
             pairs.append((puzzle, grid))
@@ -184,7 +186,9 @@ def _grid_field(row: Mapping[str, Any], name: str, where: str) -> str:
 
 @dataclass(kw_only=True)
 class SudokuTask(Task):
-    """4x4 Sudoku. ``blanks`` (1-12) blank cells per generated puzzle; ``test_grids`` of the
+    """4x4 Sudoku. ``blanks`` (1-12) blank cells per generated puzzle, or ``[low, high]`` for a
+    number drawn per puzzle (easier puzzles among the hard ones: a tiny model learns the rules
+    from them reliably instead of by a seed-dependent jump); ``test_grids`` of the
     288 grids are reserved for test (88 leaves 200 for training, as SPG's split). Files use
     d1's ``Puzzle,Solution`` columns (or ``puzzle``/``solution``)."""
 
@@ -195,15 +199,19 @@ class SudokuTask(Task):
 
     source: str | Mapping[str, str] = GENERATED
     seed: int = 0
-    blanks: int = 8
+    blanks: int | list[int] = 8
     test_grids: int = 88
     reward_funcs: list[RewardFunc] = field(default_factory=lambda: [sudoku_cells, sudoku_solved])
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 1 <= self.blanks <= MAX_BLANKS:
-            raise ValueError(f"blanks must be between 1 and {MAX_BLANKS}, got {self.blanks}")
+        span = [self.blanks] * 2 if isinstance(self.blanks, int) else list(self.blanks)
+        if len(span) != 2 or not 1 <= span[0] <= span[1] <= MAX_BLANKS:
+            raise ValueError(
+                f"blanks must be a number or a [low, high] range within 1-{MAX_BLANKS}, "
+                f"got {self.blanks}"
+            )
         if not 1 <= self.test_grids < len(all_grids()):
             raise ValueError(f"test_grids must be between 1 and 287, got {self.test_grids}")
 
