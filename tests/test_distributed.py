@@ -176,7 +176,8 @@ def test_family_recipes_are_valid_configs(recipe):
     ("kind", "stage", "trainer", "accumulates", "refused"),
     [
         ("MULTI_GPU", 0, "rl", True, None),
-        ("FSDP", 0, "sft", False, "FSDP shards the weights"),
+        ("FSDP", 1, "sft", False, "FSDP1 shards the weights"),
+        ("FSDP", 2, "rl", True, None),  # FSDP2: the trainers shard the model themselves
         ("DEEPSPEED", 3, "sft", False, "ZeRO-3 shards the weights"),
         ("DEEPSPEED", 2, "sft", False, None),
         ("DEEPSPEED", 2, "sft", True, "grad_accum: 1"),
@@ -194,7 +195,10 @@ def test_sharded_setups_a_trainer_would_run_wrongly_are_refused(
 
     acc = SimpleNamespace(
         distributed_type=DistributedType[kind],
-        state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)),
+        state=SimpleNamespace(
+            deepspeed_plugin=SimpleNamespace(zero_stage=stage),
+            fsdp_plugin=SimpleNamespace(fsdp_version=stage),
+        ),
     )
     if refused is None:
         check_distribution(acc, trainer, accumulates)

@@ -120,7 +120,7 @@ def test_first_pass_scores_the_sampling_distribution_with_ratio_one(step):
     objective, rollout = step.trainer.objective, step.rollout
     for s in (s for s in step.scored if s.iteration == 0):
         if objective.scores_sampling_distribution:  # trace replays: the sampler's own log-probs
-            expected = s.views.per_token(rollout.logprobs)
+            expected = s.views.per_token(objective.sampler_logprobs(rollout))
         else:  # the denoiser itself, at temperature 1
             with torch.no_grad():
                 expected = token_logprobs(step.before, s.views, len(s.views))
@@ -145,7 +145,7 @@ def test_every_pass_uses_its_own_old_logprobs(name, tmp_path_factory, monkeypatc
     kwargs = SAMPLING if objective.scores_sampling_distribution else {}
     for s in (s for s in step.scored if s.iteration == 1):
         if objective.old_logprobs == "sampler":
-            expected = s.views.per_token(rollout.logprobs)
+            expected = s.views.per_token(objective.sampler_logprobs(rollout))
         else:  # the pre-update policy on this pass's views
             with torch.no_grad():
                 expected = token_logprobs(step.before, s.views, len(s.views), **kwargs)

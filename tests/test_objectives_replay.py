@@ -25,7 +25,9 @@ def _rollout(model, **kw):
 def _check_replay(model, rollout, views, sampling=SAMPLING):
     with torch.no_grad():
         logp = token_logprobs(model, views, micro_batch_size=16, **sampling)
-    sampled = views.per_token(rollout.logprobs)
+    # the sampler's token log-probs plus each token's share of its step's selection term
+    # (exact selection, the trace objectives' default; 0 for rules that ignore the draws)
+    sampled = views.per_token(get_objective("tracerl").sampler_logprobs(rollout))
     assert views.scored.any()
     torch.testing.assert_close(logp[views.scored], sampled[views.scored], atol=1e-5, rtol=0)
 

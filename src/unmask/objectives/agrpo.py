@@ -12,6 +12,11 @@ distribution's entropy at every sampled position, which the rollout does not sto
 sampled token's surprisal is its single-sample (unbiased) estimate. Any ``q > 0`` keeps the
 estimate unbiased; the proposal only changes its variance.
 
+``selection="exact"`` (the default) scores each drawn step's full probability, the choice of
+its positions included, for rollouts sampled with a token-dependent rule; the old log-probs
+and the surprisal proposal then include each token's share of it
+(:mod:`unmask.objectives.selection`).
+
 ``low_discrepancy`` stratifies the uniforms over the whole batch, ``u = (perm + U) / (B K)``
 (AGRPO, after arXiv 2409.02908). Old log-probs are the sampler's, so the rollout must be
 sampled with ``return_logprobs=True`` and an exact cache.
@@ -26,6 +31,7 @@ import torch
 
 from unmask.objectives.base import Objective, ViewBatch, uniform
 from unmask.objectives.replay import Replay, replay
+from unmask.objectives.selection import ExactSelection
 from unmask.sampling.rollout import Rollout
 
 STEP_SAMPLING: tuple[str, ...] = ("uniform", "surprisal")
@@ -41,6 +47,9 @@ class StepDraw:
     low_discrepancy: bool = True
 
     def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # the other options' checks (cooperative mixins)
+            parent()
         if self.mc_samples < 1:
             raise ValueError(f"agrpo.mc_samples must be >= 1, got {self.mc_samples}")
         if self.step_sampling not in STEP_SAMPLING:
@@ -51,30 +60,27 @@ class StepDraw:
 
 
 @dataclass
-class AGRPO(StepDraw, Objective):
+class AGRPO(StepDraw, ExactSelection, Objective):
     name = "agrpo"
     old_logprobs = "sampler"
     scores_sampling_distribution = True
     loss_type = "steps"
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
-        if rollout.logprobs is None:
-            raise ValueError(
-                "agrpo uses the sampler's log-probs as old log-probs: sample with "
-                "return_logprobs=True"
-            )
         rp = replay(rollout)
-        proposal = self._proposal(rp, rollout.logprobs)
+        proposal = self._proposal(rp, self.sampler_logprobs(rollout))
         k, stratified = self.mc_samples, self.low_discrepancy
         view_rows, t, summed = draw_steps(proposal, k, stratified, generator)
         t = t[:, None]
         steps = rp.steps[view_rows]
         masked = rp.canvas.completion[view_rows] & ~((steps >= 0) & (steps < t))
         scored = rp.scorable[view_rows] & (steps == t)
-        return rp.views(view_rows, masked, scored, summed)
+        return self.with_choices(rp.views(view_rows, masked, scored, summed), rp, rollout)
 
     def _proposal(self, rp: Replay, logprobs: torch.Tensor) -> torch.Tensor:
-        """Unnormalised ``q`` over steps, ``[B, S]`` (float64); 0 where no token is scored."""
+        """Unnormalised ``q`` over steps, ``[B, S]`` (float64); 0 where no token is scored.
+        ``logprobs`` are the old ones: with exact selection they sum, per step, to its full
+        log-probability."""
         steps = rp.steps.clamp(min=0)
         width = int(rp.steps.max()) + 1
         scored = rp.scorable.double()

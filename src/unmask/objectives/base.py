@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 import torch
 
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.objectives.selection import StepChoices
 from unmask.objectives.views import SequenceBatch, View, masked_view, packed_two_stream_view
 from unmask.sampling.remasking import sampling_logits
 from unmask.sampling.rollout import Rollout
@@ -41,7 +42,10 @@ class ViewBatch:
       :meth:`per_token`;
     * ``two_stream``: forward ``[clean canvas | noisy copy]`` (block-causal models only), so
       each block of the view is predicted with the clean blocks before it; the views of one
-      rollout share one forward row (:func:`~unmask.objectives.views.packed_two_stream_view`).
+      rollout share one forward row (:func:`~unmask.objectives.views.packed_two_stream_view`);
+    * ``choices``: the denoising steps the views score, when their log-probs include the
+      probability that the sampler's rule chose the step's positions (exact selection,
+      :mod:`unmask.objectives.selection`); :func:`token_logprobs` adds it.
 
     Attention masks are built per micro-batch by :meth:`forward_view` (a dense mask for every
     view would cost ``N * W * W``).
@@ -54,6 +58,7 @@ class ViewBatch:
     rollout_index: torch.Tensor
     completion_index: torch.Tensor
     two_stream: bool = False
+    choices: StepChoices | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -67,7 +72,7 @@ class ViewBatch:
         return self.canvas.positions[self.rollout_index]
 
     def select(self, rows: torch.Tensor | slice) -> ViewBatch:
-        """A subset of views (a micro-batch); the canvas is shared."""
+        """A subset of distinct views (a micro-batch); the canvas is shared."""
         return replace(
             self,
             input_ids=self.input_ids[rows],
@@ -75,6 +80,7 @@ class ViewBatch:
             weights=self.weights[rows],
             rollout_index=self.rollout_index[rows],
             completion_index=self.completion_index[rows],
+            choices=None if self.choices is None else self.choices.select(rows, len(self)),
         )
 
     def to(self, device: torch.device | str) -> ViewBatch:
@@ -86,6 +92,7 @@ class ViewBatch:
             weights=self.weights.to(device),
             rollout_index=self.rollout_index.to(device),
             completion_index=self.completion_index.to(device),
+            choices=None if self.choices is None else self.choices.to(device),
         )
 
     def per_token(self, values: torch.Tensor) -> torch.Tensor:
@@ -155,6 +162,15 @@ class Objective(ABC):
         shared loss (``views`` holds whole rollouts; ``logprobs`` detached). Others: as is."""
         return advantages, views.weights
 
+    def sampler_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """``[B, G]``: the old log-probs of ``old_logprobs = "sampler"``, from the rollout."""
+        if rollout.logprobs is None:
+            raise ValueError(
+                f"{self.name} uses the sampler's log-probs as old log-probs: sample with "
+                "return_logprobs=True"
+            )
+        return rollout.logprobs
+
     @abstractmethod
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
         """Views of every rollout; deterministic given a (CPU) ``generator``'s state."""
@@ -197,8 +213,10 @@ def token_logprobs(
     (:func:`unmask.sampling.remasking.sampling_logits`). The rollout does not record the
     truncated support, so it is recomputed from the current logits: at the sampling
     parameters it equals the sampler's log-prob; after updates a target that left the support
-    gets ``-inf`` (ratio 0, no gradient; the loss guards it). Gradients flow when enabled; run
-    under ``torch.no_grad()`` for old/reference log-probs.
+    gets ``-inf`` (ratio 0, no gradient; the loss guards it). Views carrying ``choices`` add
+    each token's share of its step's selection log-probability (reading the logits of the
+    step's uncommitted candidates too). Gradients flow when enabled; run under
+    ``torch.no_grad()`` for old/reference log-probs.
     """
     if temperature <= 0:
         raise ValueError("token log-probs need temperature > 0 (greedy decoding has none)")
@@ -209,18 +227,30 @@ def token_logprobs(
     for start in range(0, len(views), micro_batch_size):
         chunk = views.select(slice(start, start + micro_batch_size)).to(device)
         view = chunk.forward_view(model)
-        rows, cols = chunk.scored.nonzero(as_tuple=True)
-        # The LM head runs on the scored columns only (a view scores a few of a long row).
-        read = view.cells(rows, cols)
-        scored = model(view.input_ids, view.position_ids, view.bias, None, read).float()
-        scored = scored.index_fill(-1, torch.tensor([model.mask_token_id], device=device), -inf)
-        logp = sampling_logits(scored, temperature, top_k, top_p).log_softmax(dim=-1)
-        target = logp.gather(-1, chunk.targets[rows, cols][:, None])[:, 0]
+        choices = chunk.choices
+        read = chunk.scored if choices is None else chunk.scored | choices.cells(chunk.scored.shape)
+        rows, cols = read.nonzero(as_tuple=True)
+        # The LM head runs on the cells read only (a view scores a few of a long row).
+        logits = model(view.input_ids, view.position_ids, view.bias, None, view.cells(rows, cols))
+        logits = logits.float().index_fill(
+            -1, torch.tensor([model.mask_token_id], device=device), -inf
+        )
+        on = chunk.scored[rows, cols]
+        logp = sampling_logits(logits[on], temperature, top_k, top_p).log_softmax(dim=-1)
+        target = logp.gather(-1, chunk.targets[rows[on], cols[on]][:, None])[:, 0]
         empty = torch.zeros(chunk.scored.shape, device=device)
-        logps.append(empty.index_put((rows, cols), target))
+        out = empty.index_put((rows[on], cols[on]), target)
+        if choices is not None:
+            cell = torch.full(read.shape, -1, dtype=torch.long, device=device)
+            cell[rows, cols] = torch.arange(len(rows), device=device)
+            out = out + choices.shares(
+                logits, cell, chunk.targets, chunk.scored, model.mask_token_id, temperature,
+                top_k, top_p,
+            )  # fmt: skip
+        logps.append(out)
         if with_entropy:  # a metric: no graph
             plogp = torch.special.xlogy(logp.detach().exp(), logp.detach().exp())
-            entropies.append(empty.index_put((rows, cols), -plogp.sum(dim=-1)))
+            entropies.append(empty.index_put((rows[on], cols[on]), -plogp.sum(dim=-1)))
     logp_all = torch.cat(logps) if logps else torch.zeros(views.scored.shape, device=device)
     if not with_entropy:
         return logp_all

@@ -23,6 +23,12 @@ loss_type     ``D_b``                        meaning
 Losses of micro-batches add up: call :func:`policy_loss` on each micro-batch of views with the
 divisors of the whole rollout batch and sum (no division by accumulation steps).
 
+Over several processes every count (``B``, ``sum_b |o_b|``) is the global one, and each
+divisor is divided by the number of processes, which average their gradients
+(:func:`global_normalizers`): a rollout then weighs the same whichever process holds it, and
+the averaged gradient equals one process's over the whole batch, however many rollouts each
+process kept.
+
 ``level="sequence"`` (GSPO, ESPO) uses one ratio per rollout,
 ``log rho_b = sum w (logp - old) / |o_b|`` (for ``elbo`` the ELBO difference per token), clips
 it, and weights rollout b's loss by ``|o_b| / D_b``; all views of a rollout must be in the same
@@ -33,6 +39,7 @@ only a top-k/top-p support recomputed after an update produces such values.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,12 +63,16 @@ def normalizers(
     loss_type: str,
     kept: torch.Tensor | None = None,
     num_tokens: float | None = None,
+    num_rollouts: float | None = None,
+    processes: int = 1,
 ) -> torch.Tensor:
     """Divisor ``D_b`` of each rollout ``[B]`` (see the module table); ``inf`` for dropped ones.
 
     ``kept`` ``[B]`` marks the rollouts that are trained on (for example groups with reward
-    spread, :func:`~unmask.objectives.advantages.group_advantages`). ``num_tokens`` replaces
-    the batch's token count for ``dapo`` (the count over all processes).
+    spread, :func:`~unmask.objectives.advantages.group_advantages`). ``num_tokens`` and
+    ``num_rollouts`` replace the batch's kept token and rollout counts (``sum_b |o_b|`` and
+    ``B``: the counts over all processes); every divisor is divided by ``processes``, the
+    number of processes whose gradients are averaged.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -70,7 +81,8 @@ def normalizers(
     kept = kept.to(mask.device).bool()
     mask = mask & kept[:, None]
     lengths = mask.sum(dim=1).double()
-    count = kept.sum().double()
+    count = kept.sum().double() if num_rollouts is None else torch.tensor(float(num_rollouts))
+    count = count.to(lengths.device)
     if loss_type == "grpo":
         divisor = count * lengths
     elif loss_type == "dapo":
@@ -83,8 +95,22 @@ def normalizers(
         hit = torch.zeros(len(mask), int(steps.max()) + 1, device=mask.device)
         hit = hit.scatter_add(1, steps, mask.float())
         divisor = count * (hit > 0).sum(dim=1).double()
-    divisor = divisor.clamp(min=1).float()
+    divisor = (divisor.clamp(min=1) / processes).float()
     return torch.where(kept, divisor, torch.full_like(divisor, float("inf")))
+
+
+def global_normalizers(
+    accelerator: Any, rollout: Rollout, loss_type: str, kept: torch.Tensor
+) -> torch.Tensor:
+    """:func:`normalizers` with the kept rollouts and tokens counted over every process of
+    ``accelerator`` (one all-reduce; every process must call it), for gradients averaged over
+    them: a process that keeps fewer rollouts, or none, changes no other rollout's weight."""
+    if accelerator.num_processes == 1:
+        return normalizers(rollout, loss_type, kept)
+    mask = rollout.completion_mask.bool() & kept.to(rollout.completion_mask.device)[:, None]
+    local = torch.tensor([float(kept.sum()), float(mask.sum())], device=accelerator.device)
+    rollouts, tokens = accelerator.reduce(local, reduction="sum").tolist()
+    return normalizers(rollout, loss_type, kept, tokens, rollouts, accelerator.num_processes)
 
 
 def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

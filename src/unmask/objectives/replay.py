@@ -121,7 +121,7 @@ def replay(rollout: Rollout) -> Replay:
 
 def _check(rollout: Rollout) -> None:
     shape = tuple(rollout.completion_ids.shape)
-    for name in ("steps", "completion_mask", "logprobs"):
+    for name in ("steps", "completion_mask", "logprobs", "selection_logprobs"):
         value = getattr(rollout, name)
         if value is not None and tuple(value.shape) != shape:
             raise ValueError(

@@ -1,97 +1,179 @@
-"""The probability that a denoising step chose the positions it chose.
+"""Exact selection in the trace objectives: every replayed step's full log-probability.
 
-Under ``low_confidence`` and ``threshold`` remasking the positions committed at a step depend
-on the tokens drawn there: a position is committed because its draw scored high. So the
-probability of a step is not just the product of the committed tokens' probabilities; every
-masked position left uncommitted contributes the probability that its own draw scored low
-enough to be left (docs/objectives.md, "Exact selection"; derivation in selection.md of the
-references). With candidates M, committed set S with tokens a_S, sampling distribution q
-(mask token excluded, temperature, top-k, top-p) and untempered distribution p (which the
-sampler scores confidence with), the step's probability is
-
-    P(S, a_S) = prod_{i in S} q_i(a_i) * prod_{j in M \\ S} F_j,
-
-- ``low_confidence``: with i* the lowest-ranked member of S and c* = p_{i*}(a_{i*}),
-  F_j = q_j({x : p_j(x) < c*}) + [j > i*] q_j({x : p_j(x) = c*}) (ties rank the lower
-  position first, as the sampler's stable sort does);
-- ``threshold`` tau: when S's best score clears tau, F_j = q_j({x : p_j(x) < tau}); when
-  nothing cleared it the sampler committed its top-ranked draw alone, the case above.
-
-:func:`unchosen_logprob` gives ``sum_{j in M \\ S} log F_j``; the committed tokens' part is
-the objectives' usual token log-probs. The set of tokens counted in F_j is a step function of
-the parameters, so the gradient flows through the q mass of the counted tokens only.
+Under ``low_confidence`` and ``threshold`` remasking a step's probability is its committed
+tokens' probabilities times the probability that every candidate it left masked drew a token
+ranking below the committed ones (:func:`unmask.sampling.selection.unchosen_logprob`). The
+trace objectives score tokens, so a step's selection term is spread evenly over the tokens it
+commits and scores: each one's log-prob gets ``term / n``, the step's log-probs then sum to its
+exact log-probability, and the shared per-token loss needs no change (docs/objectives.md,
+"Exact selection", says why this split). The term needs the logits of the step's uncommitted
+candidates too, so :class:`StepChoices` names those cells and ``token_logprobs`` reads them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
+
 import torch
 
-from unmask.sampling.remasking import sampling_logits
+from unmask.sampling.rollout import Rollout
+from unmask.sampling.selection import TOKEN_DEPENDENT, unchosen_logprob
 
-TOKEN_DEPENDENT = ("low_confidence", "threshold")  # rules whose choice depends on the draws
+if TYPE_CHECKING:
+    from unmask.objectives.base import ViewBatch
+    from unmask.objectives.replay import Replay
 
-
-def unchosen_logprob(
-    logits: torch.Tensor,
-    candidates: torch.Tensor,
-    chosen: torch.Tensor,
-    tokens: torch.Tensor,
-    *,
-    remasking: str,
-    threshold: float | None,
-    mask_token_id: int,
-    temperature: float,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> torch.Tensor:
-    """``[N]``: per row, the log-probability that every candidate left uncommitted drew a
-    token that ranked below the committed ones (0 for rules that do not look at the draws).
-
-    ``logits`` ``[N, L, V]`` are the model's raw logits over a step's columns; ``candidates``
-    and ``chosen`` ``[N, L]`` are the positions masked before the step and committed by it;
-    ``tokens`` ``[N, L]`` the committed tokens (read where ``chosen``).
-    """
-    if remasking not in TOKEN_DEPENDENT or temperature <= 0:
-        return logits.new_zeros(logits.shape[0], dtype=torch.float32)
-    logits = logits.float().clone()
-    logits[..., mask_token_id] = float("-inf")
-    q = sampling_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    with torch.no_grad():
-        counted = _counted(logits.softmax(dim=-1), candidates, chosen, tokens, remasking, threshold)
-    left = candidates & ~chosen
-    mass = (q * counted).sum(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
-    return torch.where(left, mass.log(), torch.zeros_like(mass)).sum(dim=-1)
+SELECTION: tuple[str, ...] = ("exact", "ignore")
 
 
-def _counted(
-    p: torch.Tensor,
-    candidates: torch.Tensor,
-    chosen: torch.Tensor,
-    tokens: torch.Tensor,
-    remasking: str,
-    threshold: float | None,
-) -> torch.Tensor:
-    """Bool ``[N, L, V]``: the tokens whose draw at each position would have left it
-    uncommitted, given what the step committed."""
-    score = p.gather(-1, tokens.clamp_min(0)[..., None])[..., 0]
-    score = score.masked_fill(~chosen, float("inf"))
-    # The lowest-ranked committed position: the lowest score, the highest index among ties.
-    positions = torch.arange(score.shape[-1], device=score.device)
-    key = torch.stack(torch.broadcast_tensors(score, -positions.to(score.dtype)), dim=-1)
-    lowest = _lexicographic_argmin(key)
-    bar = score.gather(-1, lowest[:, None])  # c*, [N, 1]
-    after = positions[None, :] > lowest[:, None]  # [N, L]: j > i*
-    counted = (p < bar[..., None]) | ((p == bar[..., None]) & after[..., None])
-    if remasking == "threshold":
-        assert threshold is not None
-        cleared = (bar >= threshold)[..., None]  # every committed score is >= c*
-        counted = torch.where(cleared, p < threshold, counted)
-    return counted & (candidates & ~chosen)[..., None]
+@dataclass
+class StepChoices:
+    """The denoising steps a batch of views scores, ``K`` of them, each within one block of
+    ``b`` canvas columns: ``view`` ``[K]`` (the view scoring it), ``columns`` ``[K, b]`` (its
+    block's canvas columns), ``candidates`` (masked before the step) and ``chosen`` (committed
+    by it) ``[K, b]``, and the rule that chose."""
+
+    view: torch.Tensor
+    columns: torch.Tensor
+    candidates: torch.Tensor
+    chosen: torch.Tensor
+    remasking: str
+    threshold: float | None
+
+    def select(self, rows: torch.Tensor | slice, count: int) -> StepChoices:
+        """The steps of views ``rows`` (distinct indices into ``count`` views), renumbered as
+        :meth:`ViewBatch.select` numbers those views."""
+        picked = torch.arange(count, device=self.view.device)[rows]
+        new = torch.full((count,), -1, dtype=torch.long, device=self.view.device)
+        new[picked] = torch.arange(len(picked), device=self.view.device)
+        keep = new[self.view] >= 0
+        return replace(
+            self, view=new[self.view][keep], columns=self.columns[keep],
+            candidates=self.candidates[keep], chosen=self.chosen[keep],
+        )  # fmt: skip
+
+    def to(self, device: torch.device | str) -> StepChoices:
+        return replace(
+            self, view=self.view.to(device), columns=self.columns.to(device),
+            candidates=self.candidates.to(device), chosen=self.chosen.to(device),
+        )  # fmt: skip
+
+    def cells(self, shape: torch.Size) -> torch.Tensor:
+        """Bool ``shape`` (``[N, W]``): the candidate cells whose logits the term reads."""
+        out = torch.zeros(shape, dtype=torch.bool, device=self.view.device)
+        rows = self.view[:, None].expand_as(self.columns)
+        return out.index_put((rows[self.candidates], self.columns[self.candidates]),
+                             torch.tensor(True, device=out.device))  # fmt: skip
+
+    def shares(
+        self,
+        logits: torch.Tensor,
+        cell: torch.Tensor,
+        targets: torch.Tensor,
+        scored: torch.Tensor,
+        mask_token_id: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+    ) -> torch.Tensor:
+        """``[N, W]``: each scored token's share of its step's selection log-probability.
+
+        ``logits`` ``[C, V]`` are the raw logits of the cells read, ``cell`` ``[N, W]`` the
+        row of ``logits`` holding each view cell (-1 if not read); ``targets`` and ``scored``
+        are the views'."""
+        rows = self.view[:, None].expand_as(self.columns)
+        step_logits = logits[cell[rows, self.columns].clamp(min=0)]  # [K, b, V]
+        left = unchosen_logprob(
+            step_logits, self.candidates, self.chosen, targets[rows, self.columns],
+            remasking=self.remasking, threshold=self.threshold, mask_token_id=mask_token_id,
+            temperature=temperature, top_k=top_k, top_p=top_p,
+        )  # fmt: skip
+        receivers = self.chosen & scored[rows, self.columns]
+        share = (left / receivers.sum(dim=1).clamp(min=1))[:, None].expand_as(receivers)
+        out = torch.zeros(scored.shape, dtype=share.dtype, device=share.device)
+        at = (rows[receivers], self.columns[receivers])
+        return out.index_put(at, share[receivers], accumulate=True)
 
 
-def _lexicographic_argmin(key: torch.Tensor) -> torch.Tensor:
-    """Index of the smallest ``key[..., 0]``, ties broken by the smallest ``key[..., 1]``."""
-    first = key[..., 0]
-    best = first.min(dim=-1, keepdim=True).values
-    second = key[..., 1].masked_fill(first != best, float("inf"))
-    return second.argmin(dim=-1)
+def step_choices(
+    rp: Replay, views: ViewBatch, remasking: str, threshold: float | None
+) -> StepChoices:
+    """The steps ``views`` score: one per (view, trace step) among its scored tokens. A step's
+    candidates are its block's columns decoded at it or later, its chosen ones those decoded at
+    it (the trace fixes both: a block is decoded in its own consecutive steps)."""
+    v, c = views.scored.nonzero(as_tuple=True)
+    r = views.rollout_index[v]
+    pairs = torch.stack([v, rp.steps[r, c]])
+    (view, step), first = _unique_first(pairs)
+    b, canvas = rp.canvas.block_size, rp.canvas
+    start = canvas.start + canvas.blocks[r[first], c[first]] * b
+    columns = start[:, None] + torch.arange(b, device=start.device)
+    row = views.rollout_index[view][:, None]
+    at = rp.steps[row, columns]
+    candidates = canvas.completion[row, columns] & (at >= step[:, None])
+    return StepChoices(view, columns, candidates, at == step[:, None], remasking, threshold)
+
+
+def _unique_first(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct columns of ``keys`` ``[2, n]`` and, for each, the index of one occurrence."""
+    unique, inverse = torch.unique(keys, dim=1, return_inverse=True)
+    first = torch.full((unique.shape[1],), keys.shape[1], device=keys.device)
+    first = first.scatter_reduce(
+        0, inverse, torch.arange(keys.shape[1], device=keys.device), "amin"
+    )
+    return unique, first
+
+
+def token_shares(rollout: Rollout) -> torch.Tensor:
+    """``[B, G]``: the sampler's recorded selection log-probability of each step, spread
+    evenly over the completion tokens the step committed (0 elsewhere)."""
+    assert rollout.selection_logprobs is not None
+    steps = rollout.steps.clamp(min=0)
+    scorable = rollout.completion_mask.to(rollout.selection_logprobs.dtype)
+    count = torch.zeros_like(scorable).scatter_add(1, steps, scorable)
+    per_token = rollout.selection_logprobs / count.clamp(min=1)
+    return per_token.gather(1, steps) * scorable
+
+
+@dataclass(kw_only=True)
+class ExactSelection:
+    """The ``selection`` option of the trace objectives (TraceRL, AGRPO).
+
+    ``exact``: each replayed step's log-probability includes the probability that the rule
+    chose its positions (only rollouts sampled with a token-dependent rule carry one);
+    ``ignore``: the committed tokens' log-probs alone (the published methods)."""
+
+    selection: Literal["exact", "ignore"] = "exact"
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTION:
+            raise ValueError(f"selection must be one of {SELECTION}, got {self.selection!r}")
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
+    def exact_for(self, rollout: Rollout) -> bool:
+        """Whether this rollout's steps get a selection term."""
+        return self.selection == "exact" and rollout.remasking in TOKEN_DEPENDENT
+
+    def with_choices(self, views: ViewBatch, rp: Replay, rollout: Rollout) -> ViewBatch:
+        """``views`` carrying their steps' choices, when the selection is exact."""
+        if not self.exact_for(rollout):
+            return views
+        assert rollout.remasking is not None
+        choices = step_choices(rp, views, rollout.remasking, rollout.threshold)
+        return replace(views, choices=choices)
+
+    def sampler_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """The sampler's per-token log-probs plus each token's share of its step's selection
+        term, so that they are the old log-probs of what :meth:`with_choices` scores."""
+        logprobs = super().sampler_logprobs(rollout)  # type: ignore[misc]
+        if not self.exact_for(rollout):
+            return logprobs
+        if rollout.selection_logprobs is None:
+            raise ValueError(
+                "exact selection needs the sampler's selection log-probs: sample with "
+                "return_logprobs=True (or set selection: ignore)"
+            )
+        return logprobs + token_shares(rollout)

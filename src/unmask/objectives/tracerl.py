@@ -10,6 +10,11 @@ consecutive steps of a block, scored from the state before the first of them.
 is ``[clean canvas | noisy copy]`` and noisy block k sees the clean blocks before it, which is
 exactly what the sampler's forward saw. Rows per rollout drop from the number of steps to the
 number of steps of its longest block, with the same log-probs.
+
+``selection="exact"`` (the default) adds, for rollouts sampled with a token-dependent rule
+(``low_confidence``, ``threshold``), the probability that the rule chose each step's positions
+(:mod:`unmask.objectives.selection`); with ``shrink > 1`` each merged step's factor is scored
+from the merged state, as its tokens are.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import torch
 
 from unmask.objectives.base import Objective, ViewBatch
 from unmask.objectives.replay import replay, trace_groups
+from unmask.objectives.selection import ExactSelection
 from unmask.sampling.rollout import Rollout
 
 
 @dataclass
-class TraceRL(Objective):
+class TraceRL(ExactSelection, Objective):
     shrink: int = 1
     two_stream: bool = False
 
@@ -35,6 +41,7 @@ class TraceRL(Objective):
     def __post_init__(self) -> None:
         if self.shrink < 1:
             raise ValueError(f"tracerl.shrink must be >= 1, got {self.shrink}")
+        super().__post_init__()
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
         rp = replay(rollout)
@@ -48,7 +55,7 @@ class TraceRL(Objective):
             g = (torch.arange(len(rows), device=steps.device) - first[rows])[:, None]
             masked = completion[rows] & ~(decoded[rows] & (group[rows] < g))
             scored = rp.scorable[rows] & (group[rows] == g)
-            return rp.views(rows, masked, scored, two_stream=True)
+            return self.with_choices(rp.views(rows, masked, scored, two_stream=True), rp, rollout)
         b, c = decoded.nonzero(as_tuple=True)
         keys = torch.stack([b, rp.canvas.blocks[b, c], group[b, c]])
         unique, inverse = torch.unique(keys, dim=1, return_inverse=True)
@@ -60,4 +67,4 @@ class TraceRL(Objective):
         view = torch.arange(len(rows), device=steps.device)[:, None]
         masked = completion[rows] & ~(decoded[rows] & (steps[rows] < first_step[:, None]))
         scored = rp.scorable[rows] & (member[rows] == view)
-        return rp.views(rows, masked, scored)
+        return self.with_choices(rp.views(rows, masked, scored), rp, rollout)

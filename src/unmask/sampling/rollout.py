@@ -32,6 +32,13 @@ class Rollout:
       (temperature, top-k/top-p support); only filled when the sampler was asked.
     * ``nfe``: denoising forward passes for the batch (a cached sampler also runs prefill
       passes, which choose no tokens and are not counted).
+    * ``remasking`` and ``threshold``: the rule that chose each step's positions (and its
+      threshold, ``threshold`` rule only), which the exact trajectory likelihood needs
+      (docs/objectives.md, "Exact selection"). ``None``: not recorded (a hand-built trace),
+      read as a choice independent of the drawn tokens.
+    * ``selection_logprobs`` ``[B, G]``: entry ``t`` is step ``t``'s log-probability that the
+      rule left its uncommitted candidates uncommitted (0 for rules that ignore the draws,
+      and past a row's last step); filled with ``logprobs``.
     """
 
     prompt_ids: torch.Tensor
@@ -44,6 +51,9 @@ class Rollout:
     block_align: BlockAlign
     mask_token_id: int
     nfe: int
+    remasking: str | None = None
+    threshold: float | None = None
+    selection_logprobs: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

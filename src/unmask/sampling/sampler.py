@@ -35,6 +35,7 @@ from unmask.sampling.canvas import Canvas
 from unmask.sampling.forwarder import Forwarder
 from unmask.sampling.remasking import REMASKING, propose, scores, select
 from unmask.sampling.rollout import Rollout
+from unmask.sampling.selection import unchosen_logprob
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class Sampler:
         batch, width = canvas.ids.shape
         steps = torch.full((batch, width), -1, dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, width), device=device)
+        selection = torch.zeros((batch, cfg.gen_length), device=device)  # per row step
         row_step = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         runner = Forwarder(model, canvas, cache, b, cfg.compile)
@@ -212,6 +214,14 @@ class Sampler:
                 block_ids[chosen] = proposal.tokens[chosen]
                 steps[:, a0:a1][chosen] = row_step[:, None].expand(-1, b)[chosen]
                 logprobs[:, a0:a1][chosen] = proposal.logprobs[chosen]
+                if cfg.return_logprobs:  # the step's selection factor, at each row's step
+                    left = unchosen_logprob(
+                        logits, masked, chosen, proposal.tokens, remasking=cfg.remasking,
+                        threshold=threshold, mask_token_id=model.mask_token_id,
+                        temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                    )  # fmt: skip
+                    went = chosen.any(dim=1)
+                    selection[went, row_step[went]] = left[went]
                 row_step += chosen.any(dim=1)
                 nfe += 1
                 step += 1
@@ -224,7 +234,9 @@ class Sampler:
             if finished.all():
                 break
 
-        return _to_rollout(canvas, steps, logprobs, prompt_ids, cfg, b, model, pad_id, eos_id, nfe)
+        return _to_rollout(
+            canvas, steps, logprobs, selection, prompt_ids, cfg, b, model, pad_id, eos_id, nfe
+        )
 
 
 def _quota(n_masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
@@ -269,6 +281,7 @@ def _to_rollout(
     canvas: Canvas,
     steps: torch.Tensor,
     logprobs: torch.Tensor,
+    selection: torch.Tensor,
     prompt_ids: list[list[int]],
     cfg: SamplerConfig,
     block_length: int,
@@ -302,4 +315,7 @@ def _to_rollout(
         block_align=model.settings.block_align,
         mask_token_id=model.mask_token_id,
         nfe=nfe,
+        remasking=cfg.remasking,
+        threshold=cfg.threshold if cfg.remasking == "threshold" else None,
+        selection_logprobs=selection if cfg.return_logprobs else None,
     )

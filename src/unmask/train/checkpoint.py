@@ -95,7 +95,7 @@ def save_checkpoint(
     run_dir: str | Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     scheduler: Any | None = None,
     extra_state: Mapping[str, Any] | None = None,
     rng_states: Sequence[Mapping[str, Any]] | None = None,
@@ -104,7 +104,8 @@ def save_checkpoint(
     """Write checkpoint ``step`` atomically and keep only the newest ``keep_last`` ones.
 
     ``model`` needs ``save_pretrained`` (a ``DiffusionLM`` or a transformers model; unwrap it
-    from DDP first). ``extra_state`` must be JSON-serialisable. ``rng_states`` holds one
+    from DDP first). ``optimizer`` is an optimizer or its (gathered) state dict.
+    ``extra_state`` must be JSON-serialisable. ``rng_states`` holds one
     :func:`capture_rng_state` per rank (default: this process only). Call it on one process.
     """
     extra = dict(extra_state or {})
@@ -120,7 +121,8 @@ def save_checkpoint(
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
 
     _save_pretrained(model, tmp)
-    digests = {OPTIMIZER: _torch_save(optimizer.state_dict(), tmp / OPTIMIZER)}
+    optimizer_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+    digests = {OPTIMIZER: _torch_save(optimizer_state, tmp / OPTIMIZER)}
     if scheduler is not None:
         digests[SCHEDULER] = _torch_save(scheduler.state_dict(), tmp / SCHEDULER)
     digests[RNG_STATE] = _torch_save(list(rng_states or [capture_rng_state()]), tmp / RNG_STATE)
@@ -151,7 +153,7 @@ def save_model(model: nn.Module, path: str | Path) -> Path:
 
 def load_checkpoint(
     path: str | Path,
-    model: nn.Module,
+    model: nn.Module | None,
     optimizer: torch.optim.Optimizer | None = None,
     scheduler: Any | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
@@ -159,15 +161,18 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and this rank's RNG states from ``path``.
 
-    A rank the checkpoint has no random state for (resuming on more processes than saved) keeps
-    its freshly seeded streams. Returns the trainer state: ``{"step": ..., **extra_state}``.
+    ``model`` None: the weights are left to the caller (a sharded model, which
+    :class:`unmask.train.distributed.Parallel` loads). A rank the checkpoint has no random
+    state for (resuming on more processes than saved) keeps its freshly seeded streams.
+    Returns the trainer state: ``{"step": ..., **extra_state}``.
     The folder is verified against its manifest first (sizes and SHA-256 digests:
     :func:`unmask.integrity.verify_manifest`), so nothing is changed when it is incomplete or
     corrupted. ``rng_state.pt`` is unpickled: load only checkpoints you wrote.
     """
     path = Path(path)
     manifest = verify_manifest(path)
-    load_model_weights(model, path)
+    if model is not None:
+        load_model_weights(model, path)
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(path / OPTIMIZER, weights_only=True))
     if scheduler is not None:

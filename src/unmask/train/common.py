@@ -37,19 +37,21 @@ def make_accelerator(
 def check_distribution(acc: Any, trainer: str, accumulates: bool) -> None:
     """Refuse the sharded set-ups a trainer would run wrongly (docs/scale.md), before any work.
 
-    FSDP and ZeRO-3 shard the weights, while rollouts, evaluation and checkpoints use one
-    rank's module. Under DeepSpeed, accelerate steps the engine after every backward, so
-    micro-batches accumulated into one optimizer step would each take a step.
+    FSDP2 is applied by the trainers themselves (:mod:`unmask.train.sharding`); FSDP1 and
+    ZeRO-3 shard the weights in ways rollouts, evaluation and checkpoints do not handle. Under
+    DeepSpeed, accelerate steps the engine after every backward, so micro-batches accumulated
+    into one optimizer step would each take a step.
     """
     kind = acc.distributed_type
     stage = 0
     if kind == DistributedType.DEEPSPEED:
         stage = int(getattr(acc.state.deepspeed_plugin, "zero_stage", 0) or 0)
-    if kind == DistributedType.FSDP or stage == 3:
+    fsdp1 = kind == DistributedType.FSDP and getattr(acc.state.fsdp_plugin, "fsdp_version", 1) != 2
+    if fsdp1 or stage == 3:
         raise ValueError(
-            f"{trainer}: {'FSDP' if stage != 3 else 'DeepSpeed ZeRO-3'} shards the weights, which "
-            "this trainer does not handle yet; launch with configs/accelerate/ddp.yaml (with "
-            "lora: for large models) or ZeRO-2 for SFT (docs/scale.md)"
+            f"{trainer}: {'FSDP1' if stage != 3 else 'DeepSpeed ZeRO-3'} shards the weights, "
+            "which this trainer does not handle; launch with configs/accelerate/fsdp.yaml "
+            "(FSDP2) or configs/accelerate/ddp.yaml (docs/scale.md)"
         )
     if kind == DistributedType.DEEPSPEED and accumulates:
         raise ValueError(

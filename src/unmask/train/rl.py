@@ -32,11 +32,11 @@ from unmask.objectives import (
     ViewBatch,
     get_objective,
     group_advantages,
-    normalizers,
     policy_loss,
     token_logprobs,
 )
 from unmask.objectives.advantages import SCALE_REWARDS
+from unmask.objectives.loss import global_normalizers
 from unmask.objectives.value import (
     ValueConfig,
     ValueLearner,
@@ -67,8 +67,10 @@ from unmask.train.common import (
     write_plots,
 )
 from unmask.train.curriculum import CurriculumStage, check_curriculum, difficulty_rows, stage_at
+from unmask.train.distributed import Parallel
 from unmask.train.metrics import MetricsWriter
 from unmask.train.pace import Pace, time_cap_message
+from unmask.train.sharding import FSDPConfig, resolve_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,7 @@ class RLConfig:
     plots: bool = True  # PNGs of the metrics in OUTPUT_DIR/plots at the end
     eval: RLEval = field(default_factory=RLEval)
     value_model: ValueConfig = field(default_factory=ValueConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "num_prompts", "num_iterations", "micro_batch_size",
@@ -239,9 +242,13 @@ class RLTrainer:
         self.reference = None
         if cfg.beta > 0:
             self.reference = reference_model(model)
+        self.parallel = Parallel(acc, resolve_fsdp(cfg.fsdp, acc.mixed_precision))
+        if self.parallel.sharded and cfg.value_model.enabled:
+            raise ValueError("value_model is not sharded yet: run it under DDP (docs/scale.md)")
+        self.parallel.shard(model, self.reference)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.model, self.optimizer = acc.prepare(self.core, optimizer)
+        self.model, self.optimizer = self.parallel.prepare(self.core, optimizer)
         # Forwards go through the prepared (DDP) module so gradients are all-reduced; the
         # diffusion settings are read from the model itself.
         self.policy = _Prepared(self.model, self.core)
@@ -297,10 +304,11 @@ class RLTrainer:
         if cut and main:
             notice(f"{time_cap_message('RL', step, cfg.max_steps)} (max_time_s={cfg.max_time_s:g})")
         final = self.output_dir / "final"
-        if main:
-            save_final(acc.unwrap_model(self.model), final)
-            if self.value is not None:
-                save_model(self.value.core, self.output_dir / "final_value")
+        with self.parallel.whole(self.model, main_only=True) as whole:
+            if main:
+                save_final(whole, final)
+        if main and self.value is not None:
+            save_model(self.value.core, self.output_dir / "final_value")
         acc.wait_for_everyone()
         writer.close()
         if main and cfg.plots:
@@ -396,9 +404,9 @@ class RLTrainer:
         sampler = self.sampler
         if gen_length != sampler.config.gen_length:  # a curriculum stage's length
             sampler = Sampler(replace(sampler.config, gen_length=gen_length))
-        with self.accelerator.autocast():
-            rollout = sampler.generate(self.core, prompts, seed=seed)
-        return rollout
+        whole = self.parallel.whole(self.core, self.parallel.sampling_dtype())
+        with whole as model, self.accelerator.autocast():
+            return sampler.generate(model, prompts, seed=seed)
 
     def _take(self, count: int, stage: int) -> list[int]:
         """The next ``count`` rows of the data order; a curriculum stage with a difficulty
@@ -440,12 +448,11 @@ class RLTrainer:
         device = acc.device
         rollout = rollout.to(device)
         advantages, kept = advantages.to(device), kept.to(device)
-        divisors = normalizers(rollout, self.loss_type, kept, self._dapo_tokens(rollout, kept))
+        divisors = global_normalizers(acc, rollout, self.loss_type, kept)
         lengths = rollout.completion_lengths
         sample_kw = self._sampling_kwargs()
         built = [self.objective.views(rollout, self.generator) for _ in range(cfg.num_iterations)]
         views = [_trained(v, kept) for v in built]
-        spare_needed = self._needs_spare(views)
         olds = [self._old_logprobs(v, rollout, sample_kw) for v in views]
         refs = [self._reference_logprobs(v, sample_kw) for v in views]
         self.core.train()
@@ -455,9 +462,9 @@ class RLTrainer:
             chunks = _micro_batches(view, cfg.micro_batch_size)
             per_token = view.per_token(advantages) if advantages.dim() == 2 else None
             loss_sum = 0.0
-            if spare_needed[it]:
-                # This process trains on nothing while others do: a zero-weight forward and
-                # backward joins their gradient all-reduce (DDP would wait for it forever).
+            for _ in range(self.parallel.spare_passes(len(chunks))):
+                # Zero-weight passes join the collectives of processes with more micro-batches
+                # (DDP's gradient all-reduce; every FSDP2 pass), which would wait forever.
                 spare = built[it].select(slice(0, 1)).to(device)
                 with acc.autocast():
                     acc.backward(token_logprobs(self.policy, spare, 1, **sample_kw).sum() * 0.0)
@@ -496,9 +503,7 @@ class RLTrainer:
                 for key, value in out.metrics.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                     counts[key] = counts.get(key, 0) + 1
-            grad_norm = acc.clip_grad_norm_(
-                self.model.parameters(), cfg.max_grad_norm or float("inf")
-            )
+            grad_norm = self.parallel.clip_grad_norm(self.model, cfg.max_grad_norm)
             if self.guard.skip(loss_sum, float(grad_norm), self.steps_done + 1):
                 totals["skipped_updates"] = totals.get("skipped_updates", 0.0) + 1
                 counts["skipped_updates"] = 1
@@ -514,26 +519,6 @@ class RLTrainer:
         metrics["num_views"] = float(sum(len(v) for v in views))
         return metrics
 
-    def _dapo_tokens(self, rollout: Rollout, kept: torch.Tensor) -> float | None:
-        """``dapo``'s token count as each process must divide by: gradients are averaged over
-        processes, so the mean count per process makes the loss a mean over all their tokens."""
-        acc = self.accelerator
-        if self.loss_type != "dapo" or acc.num_processes == 1:
-            return None
-        mask = rollout.completion_mask.bool() & kept.to(rollout.completion_mask.device)[:, None]
-        total = torch.tensor([float(mask.sum())], device=acc.device)
-        return float(acc.reduce(total, reduction="sum").item()) / acc.num_processes
-
-    def _needs_spare(self, views: list[ViewBatch]) -> list[bool]:
-        """Per inner iteration: whether this process has no view to train on while another
-        process has (DDP then waits for this one's gradients)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return [False] * len(views)
-        local = torch.tensor([float(len(v)) for v in views], device=acc.device)
-        total = acc.reduce(local.clone(), reduction="sum")
-        return [bool(n == 0 and t > 0) for n, t in zip(local, total, strict=True)]
-
     def _sampling_kwargs(self) -> dict[str, Any]:
         if not self.objective.scores_sampling_distribution:
             return {}
@@ -548,13 +533,11 @@ class RLTrainer:
         with the pre-update model, or None when the first pass is on-policy (``num_iterations``
         1: the ratio is 1, so the current log-probs, detached, serve)."""
         if self.objective.old_logprobs == "sampler":
-            assert rollout.logprobs is not None
-            return views.per_token(rollout.logprobs)
+            return views.per_token(self.objective.sampler_logprobs(rollout))
         if self.config.num_iterations == 1 or self.objective.ratio_free:
             return None
         self.core.eval()
-        with self.accelerator.autocast():
-            return token_logprobs(self.core, views, self.config.micro_batch_size, **sample_kw)
+        return self._scored_in_step(self.core, views, sample_kw)
 
     @torch.no_grad()
     def _reference_logprobs(
@@ -562,8 +545,20 @@ class RLTrainer:
     ) -> torch.Tensor | None:
         if self.reference is None:
             return None
+        return self._scored_in_step(self.reference, views, sample_kw)
+
+    def _scored_in_step(
+        self, model: Any, views: ViewBatch, sample_kw: dict[str, Any]
+    ) -> torch.Tensor:
+        """Log-probs of ``views`` without gradients; under FSDP2 with as many forwards as the
+        busiest process runs (each is a collective)."""
+        size = self.config.micro_batch_size
         with self.accelerator.autocast():
-            return token_logprobs(self.reference, views, self.config.micro_batch_size, **sample_kw)
+            out = token_logprobs(model, views, size, **sample_kw)
+            if self.parallel.sharded:
+                for _ in range(self.parallel.spare_passes(-(-len(views) // size))):
+                    token_logprobs(model, views.select(slice(0, 1)), 1, **sample_kw)
+        return out
 
     # -- evaluation and checkpoints --------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -572,13 +567,13 @@ class RLTrainer:
 
         cfg, acc = self.config.eval, self.accelerator
         metrics: dict[str, float] = {}
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            with acc.autocast():
-                summary = evaluate(model, self.task, cfg.sampler, split=cfg.split,
-                                   limit=cfg.limit, batch_size=cfg.batch_size,
-                                   seed=self.config.seed, progress=False)  # fmt: skip
-            metrics = eval_metrics(summary)
+        with self.parallel.whole(self.model, self.parallel.sampling_dtype()) as model:
+            if acc.is_main_process:
+                with acc.autocast():
+                    summary = evaluate(model, self.task, cfg.sampler, split=cfg.split,
+                                       limit=cfg.limit, batch_size=cfg.batch_size,
+                                       seed=self.config.seed, progress=False)  # fmt: skip
+                metrics = eval_metrics(summary)
         acc.wait_for_everyone()
         return metrics
 
@@ -589,18 +584,19 @@ class RLTrainer:
         if acc.num_processes > 1:
             rng = gather_object(rng)
         path = self.output_dir / "checkpoints"
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            path = save_checkpoint(
-                self.output_dir,
-                step,
-                model if self.value is None else _WithValue(model, self.value),
-                self.optimizer,
-                self.scheduler,
-                {"data": self.stream.state_dict(), "skipped_in_a_row": self.guard.in_a_row},
-                rng_states=rng,
-                keep_last=self.config.keep_last,
-            )
+        optimizer = self.parallel.optimizer_state(self.model, self.optimizer)
+        with self.parallel.whole(self.model, main_only=True) as model:
+            if acc.is_main_process:
+                path = save_checkpoint(
+                    self.output_dir,
+                    step,
+                    model if self.value is None else _WithValue(model, self.value),
+                    optimizer,
+                    self.scheduler,
+                    {"data": self.stream.state_dict(), "skipped_in_a_row": self.guard.in_a_row},
+                    rng_states=rng,
+                    keep_last=self.config.keep_last,
+                )
         acc.wait_for_everyone()
         return path
 
@@ -609,14 +605,17 @@ class RLTrainer:
         path = checkpoint_to_resume(self.output_dir, self.config.resume, acc.is_main_process)
         if path is None:
             return 0
+        sharded = self.parallel.sharded
         state = load_checkpoint(
             path,
-            self.core,
-            self.optimizer,
+            None if sharded else self.core,
+            None if sharded else self.optimizer,
             self.scheduler,
             generators={"trainer": self.generator},
             rank=acc.process_index,
         )
+        if sharded:
+            self.parallel.load(path, self.core, self.optimizer)
         self.stream.load_state_dict(state["data"])
         self.guard.in_a_row = int(state.get("skipped_in_a_row", 0))  # absent in older ones
         if self.value is not None:

@@ -51,8 +51,10 @@ from unmask.train.common import (
     training_model,
     write_plots,
 )
+from unmask.train.distributed import Parallel
 from unmask.train.metrics import MetricsWriter
 from unmask.train.pace import Pace
+from unmask.train.sharding import FSDPConfig, resolve_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +133,7 @@ class SFTConfig:
     progress: bool = True
     plots: bool = True  # PNGs of the metrics in OUTPUT_DIR/plots at the end
     eval: SFTEval = field(default_factory=SFTEval)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every",
@@ -202,11 +205,13 @@ class SFTTrainer:
         self.pairs = _filter_length(list(pairs), cfg.data.max_length)
         self.stream = BatchStream(len(self.pairs), cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed + acc.process_index)
+        self.parallel = Parallel(acc, resolve_fsdp(cfg.fsdp, acc.mixed_precision))
+        self.parallel.shard(model)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
         # The scheduler is stepped by hand once per optimizer step (accelerate's wrapper would
         # step it once per process).
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
-        self.model, self.optimizer = acc.prepare(self.core, optimizer)
+        self.model, self.optimizer = self.parallel.prepare(self.core, optimizer)
         self.output_dir = Path(cfg.output_dir)
         self._last_lr = cfg.lr
         self.guard = UpdateGuard(acc, cfg.max_bad_steps)
@@ -258,8 +263,9 @@ class SFTTrainer:
                 self.save(step)
         bar.close()
         final = self.output_dir / "final"
-        if main:
-            save_final(acc.unwrap_model(self.model), final)
+        with self.parallel.whole(self.model, main_only=True) as whole:
+            if main:
+                save_final(whole, final)
         acc.wait_for_everyone()
         writer.close()
         if main and cfg.plots:
@@ -309,7 +315,7 @@ class SFTTrainer:
             loss += float(out.loss.detach())
             nll += out.nll_sum
             masked += out.masked_tokens
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norm = self.parallel.clip_grad_norm(self.model, cfg.max_grad_norm)
         self._last_lr = self.optimizer.param_groups[0]["lr"]
         skipped = self.guard.skip(loss, float(grad_norm), step)
         if not skipped:
@@ -337,21 +343,21 @@ class SFTTrainer:
 
         cfg, acc = self.config.eval, self.accelerator
         metrics: dict[str, float] = {}
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            with acc.autocast():
-                summary = evaluate(
-                    model,
-                    self.task,
-                    cfg.sampler,
-                    split=cfg.split,
-                    limit=cfg.limit,
-                    batch_size=cfg.batch_size,
-                    seed=self.config.seed,
-                    progress=False,
-                )
-            model.train()
-            metrics = eval_metrics(summary)
+        with self.parallel.whole(self.model, self.parallel.sampling_dtype()) as model:
+            if acc.is_main_process:
+                with acc.autocast():
+                    summary = evaluate(
+                        model,
+                        self.task,
+                        cfg.sampler,
+                        split=cfg.split,
+                        limit=cfg.limit,
+                        batch_size=cfg.batch_size,
+                        seed=self.config.seed,
+                        progress=False,
+                    )
+                model.train()
+                metrics = eval_metrics(summary)
         acc.wait_for_everyone()
         return metrics
 
@@ -362,23 +368,25 @@ class SFTTrainer:
         if acc.num_processes > 1:
             rng = gather_object(rng)
         path = self.output_dir / "checkpoints"
-        if acc.is_main_process:
-            path = save_checkpoint(
-                self.output_dir,
-                step,
-                acc.unwrap_model(self.model),
-                self.optimizer,
-                self.scheduler,
-                {
-                    "data": self.stream.state_dict(),
-                    "num_rows": len(self.pairs),
-                    "metrics_window": self.window.state_dict(),
-                    "elapsed_s": self._elapsed_s(),
-                    "skipped_in_a_row": self.guard.in_a_row,
-                },
-                rng_states=rng,
-                keep_last=self.config.keep_last,
-            )
+        optimizer = self.parallel.optimizer_state(self.model, self.optimizer)
+        with self.parallel.whole(self.model, main_only=True) as model:
+            if acc.is_main_process:
+                path = save_checkpoint(
+                    self.output_dir,
+                    step,
+                    model,
+                    optimizer,
+                    self.scheduler,
+                    {
+                        "data": self.stream.state_dict(),
+                        "num_rows": len(self.pairs),
+                        "metrics_window": self.window.state_dict(),
+                        "elapsed_s": self._elapsed_s(),
+                        "skipped_in_a_row": self.guard.in_a_row,
+                    },
+                    rng_states=rng,
+                    keep_last=self.config.keep_last,
+                )
         acc.wait_for_everyone()
         return path
 
@@ -388,14 +396,17 @@ class SFTTrainer:
         path = checkpoint_to_resume(self.output_dir, self.config.resume, acc.is_main_process)
         if path is None:
             return 0
+        sharded = self.parallel.sharded
         state = load_checkpoint(
             path,
-            self.core,
-            self.optimizer,
+            None if sharded else self.core,
+            None if sharded else self.optimizer,
             self.scheduler,
             generators={"noise": self.generator},
             rank=acc.process_index,
         )
+        if sharded:
+            self.parallel.load(path, self.core, self.optimizer)
         if state["num_rows"] != len(self.pairs):
             raise ValueError(
                 f"{path} was trained on {state['num_rows']} rows, this run has "

@@ -64,7 +64,7 @@ def replay_confidences(
     from unmask.objectives.tracerl import TraceRL
 
     picked = torch.arange(rollout.batch_size) if rows is None else torch.tensor(list(rows))
-    views = TraceRL().views(_select(rollout, picked).to(model.device))
+    views = TraceRL(selection="ignore").views(_select(rollout, picked).to(model.device))
     logp = token_logprobs(model, views, micro_batch_size, temperature=1.0)
     assert isinstance(logp, torch.Tensor)
     out = torch.full(rollout.completion_ids.shape, math.nan)

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from unmask.objectives.base import ViewBatch
-from unmask.objectives.loss import normalizers
+from unmask.objectives.loss import global_normalizers
 from unmask.objectives.tracerl import TraceRL
 from unmask.objectives.value.model import ValueModel
 from unmask.objectives.value.returns import (
@@ -146,7 +146,7 @@ class ValueLearner:
         returns = token_returns(rewards, ranks, cfg.gamma)
         metrics: dict[str, float] = {}
         if train:
-            divisors = normalizers(rollout, "dapo", kept.to(device))
+            divisors = global_normalizers(self.accelerator, rollout, "dapo", kept.to(device))
             old, metrics = self.update(views, views.per_token(returns), divisors)
         else:
             old = self.values(views)
