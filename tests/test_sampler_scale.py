@@ -71,7 +71,7 @@ def test_a_step_computes_logits_for_its_block_only(preset, cache, shift):
 
 def test_training_views_compute_logits_for_scored_tokens_only(full_model):
     rollout = _generate(full_model, block_length=8)
-    views = TraceRL().views(rollout)
+    views = TraceRL(selection="ignore").views(rollout)
     with HeadRows(full_model) as head, torch.no_grad():
         logp = token_logprobs(full_model, views, micro_batch_size=8, **SAMPLING)
     assert sum(head.rows) == int(views.scored.sum())
@@ -86,6 +86,17 @@ def test_training_views_compute_logits_for_scored_tokens_only(full_model):
     assert torch.allclose(logp[rows, cols], expected, atol=1e-5)
     sampled = views.per_token(rollout.logprobs)
     assert torch.allclose(logp[rows, cols], sampled[rows, cols], atol=1e-5)
+
+
+def test_exact_selection_also_reads_each_step_s_candidates(full_model):
+    """The selection factor needs the logits of the step's uncommitted candidates: a step reads
+    its block's masked cells (|M|), still not the whole row."""
+    rollout = _generate(full_model, block_length=8)
+    views = TraceRL().views(rollout)
+    assert views.choices is not None
+    with HeadRows(full_model) as head, torch.no_grad():
+        token_logprobs(full_model, views, micro_batch_size=8, **SAMPLING)
+    assert sum(head.rows) == int(views.choices.candidates.sum()) > int(views.scored.sum())
 
 
 @pytest.mark.parametrize("shift", [False, True])
