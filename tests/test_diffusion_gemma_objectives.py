@@ -94,8 +94,8 @@ def digits(texts: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", ["tracerl", "agrpo"])
 def test_a_few_rl_steps_raise_a_toy_reward(name):
-    """A self-contained GRPO loop on the shared advantages and loss (the RL trainer's
-    dispatch to per-step objectives is not wired yet). The random model is sharpened: the
+    """A self-contained GRPO loop on the shared advantages and loss (the RL trainer runs
+    the same pieces: tests/test_diffusion_gemma_rl.py). The random model is sharpened: the
     output is the last step's argmax, which the policy gradient moves only through the
     accepted tokens, so they must track it (as in a trained model, whose last steps are
     confident; see docs/objectives.md)."""

@@ -168,8 +168,10 @@ def test_family_recipes_are_valid_configs(recipe):
     if cls is RLConfig:  # the objective's options exist too
         from unmask.objectives import get_objective
 
-        assert get_objective(config.objective, **config.objective_options).name == recipe.stem
-    assert str(config.model).startswith(("runs/", "GSAI-ML/", "Dream-org/", "Gen-Verse/"))
+        name = get_objective(config.objective, **config.objective_options).name
+        assert name == recipe.stem.removeprefix("rl_")
+    prefixes = ("runs/", "GSAI-ML/", "Dream-org/", "Gen-Verse/", "google/")
+    assert str(config.model).startswith(prefixes)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from pathlib import Path
 from unmask.config import ConfigError, load_config
 from unmask.errors import UserError
 from unmask.sampling.sampler import SamplerConfig
+from unmask.sampling.step_sampler import StepSamplerConfig
 
 USER_ERROR = 2  # the exit status of a user's mistake (argparse's for a bad command line)
 DEBUG_HINT = "(run with --debug for the traceback)"
@@ -30,18 +31,21 @@ PATH_ERRORS = (
 
 @dataclass
 class GenerateConfig:
-    """``unmask generate``: sample completions and show when each token was unmasked."""
+    """``unmask generate``: sample completions and show when each token was unmasked.
+
+    ``step_sampler`` replaces ``sampler`` for a uniform-noise model (DiffusionGemma)."""
 
     model: str = "tiny-block"
     prompts: list[str] = field(default_factory=list)
     dtype: str = "auto"
     device: str = "auto"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    step_sampler: StepSamplerConfig = field(default_factory=StepSamplerConfig)
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from unmask.models.diffusion_lm import DiffusionLM
-    from unmask.sampling.sampler import Sampler
+    from unmask.models.loading import load_model
+    from unmask.sampling.for_model import sampler_for
 
     overrides = list(args.overrides)
     if args.model:
@@ -50,9 +54,9 @@ def _generate(args: argparse.Namespace) -> int:
     prompts = list(args.prompt or []) or config.prompts
     if not prompts:
         raise ConfigError("give at least one --prompt (or prompts: in the config)")
-    model = DiffusionLM.from_pretrained(config.model, dtype=config.dtype, device=config.device)
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
     model.eval()
-    rollout = Sampler(config.sampler).generate(model, prompts)
+    rollout = sampler_for(model, config.sampler, config.step_sampler).generate(model, prompts)
     tokenizer = model.tokenizer
     assert tokenizer is not None
     texts = rollout.completion_texts(tokenizer)

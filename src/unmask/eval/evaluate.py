@@ -18,9 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from unmask.eval.sweep import EvalSweep, run_sweep
-from unmask.models.diffusion_lm import DiffusionLM
+from unmask.models.loading import DiffusionModel, load_model
 from unmask.rewards.process import trace_columns
-from unmask.sampling.sampler import Sampler, SamplerConfig
+from unmask.sampling.for_model import sampler_for
+from unmask.sampling.sampler import SamplerConfig
+from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.tasks.base import Task, reward_total
 
 
@@ -30,6 +32,7 @@ class EvalConfig:
 
     ``sweep`` (steps per block and/or thresholds) evaluates once per setting instead, into
     ``output_dir/<setting>``, and writes the accuracy-vs-NFE table and plot there.
+    ``step_sampler`` replaces ``sampler`` for a uniform-noise model (DiffusionGemma).
     """
 
     model: str = "tiny-block"
@@ -45,6 +48,7 @@ class EvalConfig:
     device: str = "auto"
     seed: int = 0
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    step_sampler: StepSamplerConfig = field(default_factory=StepSamplerConfig)
     sweep: EvalSweep = field(default_factory=EvalSweep)
 
     def __post_init__(self) -> None:
@@ -79,7 +83,7 @@ def wilson_interval(successes: int, total: int, z: float = 1.96) -> tuple[float,
 
 
 def evaluate(
-    model: DiffusionLM,
+    model: DiffusionModel,
     task: Task,
     sampler_config: SamplerConfig,
     split: str = "test",
@@ -90,8 +94,10 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     report: bool = False,
+    step_sampler: StepSamplerConfig | None = None,
 ) -> dict[str, Any]:
-    """Sample ``num_generations`` completions per row of ``split`` and score them.
+    """Sample ``num_generations`` completions per row of ``split`` and score them (with
+    ``sampler_config``, or ``step_sampler`` for a uniform-noise model).
 
     Returns the summary; with ``output_dir`` also writes ``generations.jsonl`` and
     ``summary.json`` there, and with ``report`` the first batch's trace page and the summary
@@ -109,7 +115,7 @@ def evaluate(
     if len(data) == 0:
         raise ValueError(f"task {task.name!r} split {split!r} has no rows")
     columns = [c for c in data.column_names if c != "prompt"]
-    sampler = Sampler(sampler_config)
+    sampler = sampler_for(model, sampler_config, step_sampler)
     model.eval()
     rows_per_batch = max(1, batch_size // num_generations)
     records: list[dict[str, Any]] = []
@@ -148,7 +154,7 @@ def evaluate(
         bar.set_postfix(acc=f"{sum(r['correct'] for r in records) / len(records):.3f}")
     bar.close()
     summary = summarise(records, task, num_generations, time.perf_counter() - start)
-    summary.update(task=task.name, split=split, batch_nfe=nfe, sampler=vars(sampler_config))
+    summary.update(task=task.name, split=split, batch_nfe=nfe, sampler=vars(sampler.config))
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -215,6 +221,8 @@ def run_eval_sweep(config: EvalConfig, progress: bool = True) -> list[dict[str, 
         raise ValueError("sweep: give sweep.steps_per_block and/or sweep.threshold values")
     assert config.output_dir is not None  # EvalConfig checks it
     model, task = _load(config)
+    if model.noise != "mask":
+        raise ValueError("sweep varies the masked sampler's steps and thresholds: a mask model")
 
     def one(sampler: SamplerConfig, folder: Path) -> dict[str, Any]:
         return _evaluate(model, task, config, sampler, folder, progress)
@@ -222,11 +230,11 @@ def run_eval_sweep(config: EvalConfig, progress: bool = True) -> list[dict[str, 
     return run_sweep(config.sweep, config.sampler, one, config.output_dir)
 
 
-def _load(config: EvalConfig) -> tuple[DiffusionLM, Task]:
+def _load(config: EvalConfig) -> tuple[DiffusionModel, Task]:
     from unmask.tasks.registry import get_task
 
     torch.manual_seed(config.seed)
-    model = DiffusionLM.from_pretrained(config.model, dtype=config.dtype, device=config.device)
+    model = load_model(config.model, dtype=config.dtype, device=config.device)
     options = dict(config.task_options)
     if options.get("template") == "chat":
         options.setdefault("tokenizer", model.tokenizer)
@@ -234,7 +242,7 @@ def _load(config: EvalConfig) -> tuple[DiffusionLM, Task]:
 
 
 def _evaluate(
-    model: DiffusionLM,
+    model: DiffusionModel,
     task: Task,
     config: EvalConfig,
     sampler: SamplerConfig,
@@ -253,4 +261,5 @@ def _evaluate(
         seed=config.seed,
         progress=progress,
         report=config.report,
+        step_sampler=config.step_sampler,
     )

@@ -21,14 +21,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import (
-    AutoTokenizer,
-    DiffusionGemmaForBlockDiffusion,
-    PreTrainedTokenizerBase,
-)
+from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from unmask.models.diffusion_lm import _dtype, resolve_device
+from unmask.integrity import verify_model_folder
+from unmask.models.diffusion_lm import _dtype, _load_tokenizer, resolve_device
 
 
 class DiffusionGemma(nn.Module):
@@ -51,6 +48,13 @@ class DiffusionGemma(nn.Module):
             torch.set_flush_denormal(True)  # fp32 on CPU slows down 20-50x on denormals
 
     # -- what the sampler and trainers read --------------------------------------------------
+    @property
+    def native(self) -> DiffusionGemmaForBlockDiffusion:
+        """The transformers model; under LoRA, ``peft``'s base model (its layers hold the
+        adapters, so calling it runs them)."""
+        base = getattr(self.model, "get_base_model", None)
+        return self.model if base is None else base()
+
     @property
     def config(self) -> Any:
         return self.model.config
@@ -91,7 +95,7 @@ class DiffusionGemma(nn.Module):
     ) -> DynamicCache:
         """Append ``input_ids`` ``[B, n]`` to the encoder KV ``cache``; ``attention_mask``
         ``[B, cached + n]`` marks real tokens (prompts are left-padded)."""
-        out = self.model.model.encoder(
+        out = self.native.model.encoder(
             input_ids=input_ids.contiguous(),
             attention_mask=attention_mask,
             cache=cache,
@@ -102,7 +106,7 @@ class DiffusionGemma(nn.Module):
     def soft_embedding(self, logits: torch.Tensor) -> torch.Tensor:
         """The self-conditioning input ``[B, L, H]`` the decoder makes of the previous step's
         (temperature-scaled) logits, computed exactly as the native decoder does."""
-        embed = self.model.model.decoder.embed_tokens
+        embed = self.native.model.decoder.embed_tokens
         weights = embed.weight
         probs = logits.to(weights.dtype).softmax(dim=-1, dtype=torch.float32).to(weights.dtype)
         return torch.matmul(probs, weights) * embed.embed_scale.to(weights.dtype)
@@ -120,7 +124,7 @@ class DiffusionGemma(nn.Module):
         ``self_conditioning`` is a soft embedding ``[B, L, H]`` (None: the first step's zeros).
         ``attention_mask`` ``[B, cached + L]`` marks real cached tokens plus the canvas.
         """
-        decoder = self.model.model.decoder
+        decoder = self.native.model.decoder
         masks = decoder.create_diffusion_decoder_attention_mask(
             config=self.model.config,
             inputs_embeds=canvas.unsqueeze(-1),
@@ -128,7 +132,7 @@ class DiffusionGemma(nn.Module):
             decoder_attention_mask=attention_mask,
         )
         with _self_conditioning_input(decoder.self_conditioning, self_conditioning):
-            out = self.model(
+            out = self.native(
                 decoder_input_ids=canvas,
                 cache=cache,
                 decoder_attention_mask=masks,
@@ -138,8 +142,14 @@ class DiffusionGemma(nn.Module):
 
     # -- saving and loading ------------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
-        """Hugging Face layout: config, generation config, safetensors weights, tokenizer."""
-        self.model.save_pretrained(str(path), **kwargs)
+        """Hugging Face layout: config, generation config, safetensors weights, tokenizer;
+        with LoRA adapters, the LoRA layout of :mod:`unmask.models.lora` (trainer resumes)."""
+        if getattr(self.model, "peft_config", None) is not None:
+            from unmask.models.lora import save_lora
+
+            save_lora(self, Path(path))  # type: ignore[arg-type]
+        else:
+            self.model.save_pretrained(str(path), **kwargs)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(path))
 
@@ -159,15 +169,11 @@ class DiffusionGemma(nn.Module):
         torch_dtype = _dtype(dtype, device)
         if name in GEMMA_PRESETS and not Path(name).exists():
             return gemma_preset(name).to(device=device, dtype=torch_dtype)
+        verify_model_folder(Path(name))  # a folder with checkpoint.json: sizes and SHA-256
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             name, dtype=torch_dtype, trust_remote_code=False
         )
-        path = Path(name)
-        has_tokenizer = not path.is_dir() or any(
-            (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
-        )
-        tokenizer = AutoTokenizer.from_pretrained(name) if has_tokenizer else None
-        return cls(model.eval(), tokenizer).to(device)
+        return cls(model.eval(), _load_tokenizer(name)).to(device)
 
 
 def select_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:

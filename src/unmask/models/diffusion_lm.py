@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -87,7 +87,13 @@ class DiffusionSettings:
 
 
 class DiffusionLM(nn.Module):
-    """A causal-LM backbone plus the settings that make it a mask predictor."""
+    """A causal-LM backbone plus the settings that make it a mask predictor.
+
+    ``noise = "mask"`` is the capability samplers, objectives and commands dispatch on: a
+    position is masked until committed once, so a trace is one step id per token.
+    """
+
+    noise: ClassVar[str] = "mask"
 
     def __init__(
         self,

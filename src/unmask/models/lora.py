@@ -17,6 +17,7 @@ convert FOLDER DST``) folds the adapters into a plain native model.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,8 +33,19 @@ if TYPE_CHECKING:
     from unmask.models.diffusion_lm import DiffusionLM
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Attention and MLP projections of every native class a family converts into.
-DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {t: PROJECTIONS for t in ("llama", "qwen2", "qwen3")}
+# Attention and MLP projections of every native class a family converts into, and of
+# DiffusionGemma's text layers (plus its self-conditioning block's gate/up/down projections).
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    t: PROJECTIONS for t in ("llama", "qwen2", "qwen3", "diffusion_gemma")
+}
+# Modules never adapted: DiffusionGemma's vision tower (unused by text RL; its projections
+# are wrappers peft cannot adapt).
+EXCLUDED: dict[str, str] = {"diffusion_gemma": r".*\.vision_tower\..*"}
+# (owner, sharer): modules under ``sharer`` hold the same weights as those under ``owner``
+# (DiffusionGemma's decoder layers are its encoder's), so they share one adapter too.
+SHARED: dict[str, tuple[str, str]] = {
+    "diffusion_gemma": (".encoder.language_model.layers.", ".decoder.layers.")
+}
 # LLaDA's weight names of the same modules (q_proj, k_proj, v_proj and up_proj are shared).
 LLADA_NAMES = {"attn_out": "o_proj", "ff_proj": "gate_proj", "ff_out": "down_proj"}
 ADAPTER_DIR = "adapter"
@@ -68,7 +80,7 @@ class LoRAConfig:
 
 def target_modules(model: nn.Module, targets: Sequence[str] | None) -> list[str]:
     """The module names to adapt, checked: each must end the name of a linear layer."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = _model_type(model)
     if targets is None:
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
@@ -76,7 +88,12 @@ def target_modules(model: nn.Module, targets: Sequence[str] | None) -> list[str]
             )
         targets = DEFAULT_TARGETS[model_type]
     names = [LLADA_NAMES.get(t, t) for t in targets]
-    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    excluded = re.compile(EXCLUDED.get(str(model_type), r"(?!)"))
+    linear = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not excluded.fullmatch(n)
+    }
     unmatched = [t for t, n in zip(targets, names, strict=True) if n not in linear]
     if unmatched:
         raise ValueError(
@@ -93,14 +110,18 @@ def add_lora(model: DiffusionLM, config: LoRAConfig) -> DiffusionLM:
     if has_lora(model):
         raise ValueError("the model already has LoRA adapters")
     targets = target_modules(model.model, config.target_modules)
+    model_type = _model_type(model.model)
     lora = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=targets,
+        exclude_modules=EXCLUDED.get(str(model_type)),
         bias="none",
     )
     model.model = get_peft_model(model.model, lora).train(model.training)  # new dropouts too
+    for owner, sharer in _shared_adapters(model.model):
+        sharer.lora_A, sharer.lora_B = owner.lora_A, owner.lora_B
     model.model.config.lora = dataclasses.asdict(config) | {"target_modules": targets}
     return model
 
@@ -120,7 +141,10 @@ def reference_model(model: DiffusionLM) -> Any:
 
 
 class AdapterDisabled:
-    """``model`` called with its adapters off: the base it started from."""
+    """``model`` called with its adapters off: the base it started from (a DiffusionGemma's
+    ``encode`` and ``decode``, the forwards its replay calls, too)."""
+
+    FORWARDS = ("encode", "decode")
 
     def __init__(self, model: DiffusionLM) -> None:
         self._model = model
@@ -130,7 +154,15 @@ class AdapterDisabled:
             return self._model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._model, name)
+        value = getattr(self._model, name)
+        if name not in self.FORWARDS:
+            return value
+
+        def disabled(*args: Any, **kwargs: Any) -> Any:
+            with adapters_disabled(self._model):
+                return value(*args, **kwargs)
+
+        return disabled
 
 
 @contextmanager
@@ -142,10 +174,37 @@ def adapters_disabled(model: DiffusionLM) -> Iterator[None]:
 def merge_lora(model: DiffusionLM) -> DiffusionLM:
     """Fold the adapters into the base weights (in place): a plain native model again."""
     if has_lora(model):
+        for _, sharer in _shared_adapters(model.model):  # its weights are merged via the owner
+            _replace_module(model.model, sharer, sharer.get_base_layer())
         model.model = model.model.merge_and_unload()
         if hasattr(model.model.config, "lora"):
             del model.model.config.lora
     return model
+
+
+def _model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _shared_adapters(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(owner, sharer) pairs of adapted modules over the same weight (:data:`SHARED`)."""
+    prefixes = SHARED.get(str(_model_type(model)))
+    if prefixes is None:
+        return []
+    owner, sharer = prefixes
+    adapted = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    return [
+        (adapted[name.replace(sharer, owner)], module)
+        for name, module in adapted.items()
+        if sharer in name and name.replace(sharer, owner) in adapted
+    ]
+
+
+def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in root.modules():
+        for name, child in parent.named_children():
+            if child is old:
+                setattr(parent, name, new)
 
 
 def save_lora(model: DiffusionLM, path: Path) -> None:

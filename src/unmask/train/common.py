@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.models.loading import DiffusionModel, load_model
 from unmask.models.lora import LoRAConfig, add_lora, has_lora, merge_lora, quantization_config
 from unmask.train.checkpoint import latest_checkpoint, save_model
 
@@ -63,12 +64,12 @@ def check_distribution(acc: Any, trainer: str, accumulates: bool) -> None:
 
 
 def training_model(
-    model: DiffusionLM | None,
+    model: DiffusionModel | None,
     name: str,
     device: torch.device,
     lora: LoRAConfig | None = None,
     gradient_checkpointing: bool = False,
-) -> DiffusionLM:
+) -> DiffusionModel:
     """The model a trainer updates (``model``, else loaded from ``name``).
 
     Full training keeps fp32 weights (bf16 autocast on GPUs). With ``lora`` the base is frozen,
@@ -78,12 +79,12 @@ def training_model(
     """
     if model is None:
         if lora is not None and lora.load_in_4bit:
-            model = DiffusionLM.from_pretrained(
+            model = load_model(
                 name, dtype="bfloat16", device=device, quantization_config=quantization_config()
             )
         else:
             dtype = "float32" if lora is None else "auto"
-            model = DiffusionLM.from_pretrained(name, dtype=dtype, device=device)
+            model = load_model(name, dtype=dtype, device=device)
     if gradient_checkpointing:  # the method's name in transformers 5.2x, and before
         enable = getattr(model.model, "activation_checkpointing_enable", None)
         (enable or model.model.gradient_checkpointing_enable)({"use_reentrant": False})

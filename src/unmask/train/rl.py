@@ -25,6 +25,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from unmask.config import to_dict
 from unmask.models.diffusion_lm import DiffusionLM
+from unmask.models.loading import DiffusionModel
 from unmask.models.lora import LoRAConfig, has_lora, reference_model
 from unmask.objectives import (
     LOSS_TYPES,
@@ -47,6 +48,7 @@ from unmask.objectives.value import (
 from unmask.rewards.process import check_vectors, split_rewards, trace_columns
 from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
+from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.tasks.base import reward_total
 from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
 from unmask.train.common import (
@@ -71,6 +73,7 @@ from unmask.train.distributed import Parallel
 from unmask.train.metrics import MetricsWriter
 from unmask.train.pace import Pace, time_cap_message
 from unmask.train.sharding import FSDPConfig, resolve_fsdp
+from unmask.train.step_rollouts import rollout_kind
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +95,15 @@ class RLData:
 
 @dataclass
 class RLEval:
-    """Held-out evaluation: at step 0, every ``every`` steps and at the end (0 = off)."""
+    """Held-out evaluation: at step 0, every ``every`` steps and at the end (0 = off);
+    ``step_sampler`` samples a uniform-noise model (DiffusionGemma), ``sampler`` the others."""
 
     every: int = 0
     split: str = "test"
     limit: int | None = 128
     batch_size: int = 64
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    step_sampler: StepSamplerConfig = field(default_factory=StepSamplerConfig)
 
 
 @dataclass
@@ -116,6 +121,8 @@ class RLConfig:
     block model ``sampler.block_length`` does the same (they must agree), and the saved model
     records the new block (docs/rl.md). ``curriculum`` schedules ``gen_length`` and the
     prompts' difficulty over the steps (:mod:`unmask.train.curriculum`).
+    ``step_sampler`` replaces ``sampler`` for a uniform-noise model (DiffusionGemma, docs/
+    diffusion_gemma.md), whose objectives are the per-step ``tracerl`` and ``agrpo``.
     """
 
     model: str = "micro-block"
@@ -145,6 +152,7 @@ class RLConfig:
     scale_rewards: str = "group"
     drop_zero_std_groups: bool = False
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=1.0))
+    step_sampler: StepSamplerConfig = field(default_factory=StepSamplerConfig)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     cpu: bool = False
     lora: LoRAConfig | None = None
@@ -209,12 +217,18 @@ class RLTrainer:
     ``model`` and ``task`` override ``config.model`` and ``config.data`` (for the Python API).
     """
 
-    def __init__(self, config: RLConfig, model: DiffusionLM | None = None, task: Any = None):
+    def __init__(
+        self, config: RLConfig, model: DiffusionModel | None = None, task: Any = None
+    ) -> None:
         self.config = cfg = config
         self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu, "rl", True)
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
-        adapt_block_size(model, _training_block(cfg, model))
+        # Uniform-noise models (DiffusionGemma) sample and update through their own kind;
+        # None: a mask predictor, trained by this class's sampler and view objectives.
+        self.kind = rollout_kind(cfg, model, acc.num_processes)
+        if self.kind is None:
+            adapt_block_size(model, _training_block(cfg, model))
         disable_dropout(model)
         pin_threads(model, acc.device, cfg.cpu_threads)
         if model.tokenizer is None:
@@ -228,16 +242,10 @@ class RLTrainer:
         )
         self.prompts = self.task.dataset(cfg.data.split)
         self.stream = BatchStream(len(self.prompts), cfg.seed)
-        self.stage_rows = self._curriculum_rows(cfg.sampler.block_length or model.block_size)
-        options = dict(cfg.objective_options)
-        if "two_stream" in _option_names(cfg.objective):
-            # Block models score every block's step in one packed [clean | noisy] row.
-            options.setdefault("two_stream", model.layout == "block")
-        self.objective: Objective = get_objective(cfg.objective, **options)
-        self.loss_type = cfg.loss_type or self.objective.loss_type
-        self.level = cfg.importance_sampling_level or self.objective.importance_sampling_level
-        needs_logprobs = self.objective.old_logprobs == "sampler"
-        self.sampler = Sampler(replace(cfg.sampler, return_logprobs=needs_logprobs, seed=None))
+        if self.kind is None:
+            self._set_up_masked(model)
+        else:
+            self.stage_rows, self.sampler = [], self.kind.sampler
         self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
         self.reference = None
         if cfg.beta > 0:
@@ -252,13 +260,29 @@ class RLTrainer:
         # Forwards go through the prepared (DDP) module so gradients are all-reduced; the
         # diffusion settings are read from the model itself.
         self.policy = _Prepared(self.model, self.core)
-        self.value = self._value_learner(model, options) if cfg.value_model.enabled else None
+        self.value = (
+            self._value_learner(model, cfg.objective_options) if cfg.value_model.enabled else None
+        )
         self.token_reward = None
         if cfg.value_model.enabled and cfg.value_model.token_reward:
             self.token_reward = load_token_reward(cfg.value_model.token_reward)
         self.output_dir = Path(cfg.output_dir)
         self.steps_done = 0
         self.guard = UpdateGuard(acc, cfg.max_bad_steps)
+
+    def _set_up_masked(self, model: DiffusionLM) -> None:
+        """Curriculum rows, objective, loss settings and sampler of a mask predictor."""
+        cfg = self.config
+        self.stage_rows = self._curriculum_rows(cfg.sampler.block_length or model.block_size)
+        options = dict(cfg.objective_options)
+        if "two_stream" in _option_names(cfg.objective):
+            # Block models score every block's step in one packed [clean | noisy] row.
+            options.setdefault("two_stream", model.layout == "block")
+        self.objective: Objective = get_objective(cfg.objective, **options)
+        self.loss_type = cfg.loss_type or self.objective.loss_type
+        self.level = cfg.importance_sampling_level or self.objective.importance_sampling_level
+        needs_logprobs = self.objective.old_logprobs == "sampler"
+        self.sampler = Sampler(replace(cfg.sampler, return_logprobs=needs_logprobs, seed=None))
 
     # -- the loop --------------------------------------------------------------------------
     def train(self) -> Path:
@@ -402,7 +426,7 @@ class RLTrainer:
         self.core.eval()
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         sampler = self.sampler
-        if gen_length != sampler.config.gen_length:  # a curriculum stage's length
+        if gen_length != self.config.sampler.gen_length:  # a curriculum stage's length
             sampler = Sampler(replace(sampler.config, gen_length=gen_length))
         whole = self.parallel.whole(self.core, self.parallel.sampling_dtype())
         with whole as model, self.accelerator.autocast():
@@ -444,6 +468,8 @@ class RLTrainer:
         """``num_iterations`` optimizer steps; old and reference log-probs are taken first.
 
         ``advantages`` are per rollout ``[B]`` or per completion token ``[B, G]``."""
+        if self.kind is not None:
+            return self.kind.optimize(self, rollout, advantages, kept)
         cfg, acc = self.config, self.accelerator
         device = acc.device
         rollout = rollout.to(device)
@@ -572,7 +598,8 @@ class RLTrainer:
                 with acc.autocast():
                     summary = evaluate(model, self.task, cfg.sampler, split=cfg.split,
                                        limit=cfg.limit, batch_size=cfg.batch_size,
-                                       seed=self.config.seed, progress=False)  # fmt: skip
+                                       seed=self.config.seed, progress=False,
+                                       step_sampler=cfg.step_sampler)  # fmt: skip
                 metrics = eval_metrics(summary)
         acc.wait_for_everyone()
         return metrics
