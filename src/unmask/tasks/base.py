@@ -140,7 +140,6 @@ def _read_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"{path} row {i}", record
 
 
-
 def reward_name(func: RewardFunc) -> str:
     """A reward's name in metrics: its ``__name__``, the wrapped function's for a
     ``functools.partial``, ``reward`` for a lambda or a callable object without one."""
