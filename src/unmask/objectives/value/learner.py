@@ -231,7 +231,7 @@ class ValueLearner:
 
     def load_state(self, folder: Path) -> None:
         """Restore what :meth:`save_state` wrote; a clear error when the folder has none."""
-        from unmask.train.checkpoint import CheckpointError
+        from unmask.integrity import CheckpointError
 
         for name in (VALUE_STATE, VALUE_OPTIMIZER):
             if not (folder / name).is_file():
