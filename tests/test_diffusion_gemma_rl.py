@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gemma_models import sharpened
-from tiny_rl import read_metrics
+from tiny_rl import assert_same_weights, read_metrics, untimed
 from unmask.models.diffusion_gemma import DiffusionGemma
 from unmask.models.diffusion_gemma_presets import gemma_preset
 from unmask.models.loading import load_model
@@ -70,15 +70,9 @@ def test_rl_raises_a_toy_reward_and_resumes_exactly(tmp_path, objective):
         model=toy_model(), task=digits_task(),
     )  # fmt: skip
     resumed.train()
-    for (name, a), b in zip(
-        straight.core.state_dict().items(), resumed.core.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    untimed = [
-        [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(tmp_path / n)]
-        for n in ("straight", "resumed")
-    ]
-    assert untimed[1] == untimed[0][6:]
+    assert_same_weights(straight.core, resumed.core)
+    lines = [untimed(read_metrics(tmp_path / n)) for n in ("straight", "resumed")]
+    assert lines[1] == lines[0][6:]
 
 
 def test_lora_trains_only_adapters(tmp_path):

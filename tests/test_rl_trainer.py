@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from repo_root import CONFIGS
-from tiny_rl import read_metrics, rl_config, sevens_task
+from tiny_rl import assert_same_weights, read_metrics, rl_config, sevens_task, untimed
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
 from unmask.train.checkpoint import latest_checkpoint
@@ -64,17 +64,11 @@ def test_resume_continues_exactly(tmp_path):
     cfg = rl_config(tmp_path, "resumed", max_steps=4, log_every=3, resume="latest")
     resumed = RLTrainer(cfg, task=sevens_task())
     resumed.train()
-    for (name, a), b in zip(
-        straight.core.state_dict().items(), resumed.core.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    assert_same_weights(straight.core, resumed.core)
     # every logged value but the wall-clock ones (``*_s``) is exactly equal
-    untimed = [
-        [{k: v for k, v in m.items() if not k.endswith("_s")} for m in read_metrics(tmp_path / n)]
-        for n in ("straight", "resumed")
-    ]
-    assert [m["step"] for m in untimed[1]] == [3, 4]
-    assert untimed[0] == untimed[1]
+    lines = [untimed(read_metrics(tmp_path / n)) for n in ("straight", "resumed")]
+    assert [m["step"] for m in lines[1]] == [3, 4]
+    assert lines[0] == lines[1]
 
 
 def test_resume_without_a_checkpoint_starts_from_step_0(tmp_path, caplog):

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from tiny_rl import assert_same_weights, untimed
 from unmask.cli import main
 from unmask.models import DiffusionLM
 from unmask.train.checkpoint import CheckpointError, checkpoint_dirs
@@ -62,11 +63,6 @@ def _train_until_checkpoint(config, pairs, stop_at):
         trainer.train()
 
 
-def _untimed(records):
-    """Metrics lines without the wall-clock ones (``*_s``: seconds, tokens per second)."""
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
-
-
 @pytest.mark.parametrize("model", ["nano-block", "nano-full"])
 def test_resume_continues_exactly(tmp_path, model):
     pairs = _pairs()
@@ -76,14 +72,13 @@ def test_resume_continues_exactly(tmp_path, model):
     config = _config(tmp_path, "resumed", model, log_every=2, resume="latest")
     resumed = SFTTrainer(config, pairs=pairs).train()
     a, b = DiffusionLM.from_pretrained(straight), DiffusionLM.from_pretrained(resumed)
-    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(x, y), name
+    assert_same_weights(a, b)
     # the metrics read as one run: the resumed run's lines replace nothing and repeat nothing,
     # and its first line (step 4) averages steps 3 and 4 as the uninterrupted run's does:
     # every logged value is exactly equal, not merely close
     la, lb = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in lb] == [2, 4, 6]
-    assert _untimed(la) == _untimed(lb)
+    assert untimed(la) == untimed(lb)
     assert lb[-1]["elapsed_s"] > lb[0]["elapsed_s"]  # training time counts across the resume
 
 

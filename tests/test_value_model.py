@@ -7,6 +7,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from tiny_rl import assert_same_weights
 from unmask.models import from_preset
 from unmask.objectives import get_objective
 from unmask.objectives.value import (
@@ -91,8 +92,7 @@ def test_save_and_load(tmp_path, block_model):
         value.value_head.weight.normal_()
     value.save_pretrained(tmp_path / "value")
     loaded = ValueModel.from_pretrained(tmp_path / "value", dtype="float32", device="cpu")
-    for (name, a), b in zip(value.state_dict().items(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same_weights(value, loaded)
     assert loaded.layout == "block" and loaded.mask_token_id == block_model.mask_token_id
 
     block_model.save_pretrained(tmp_path / "policy")  # a policy folder: new zero head

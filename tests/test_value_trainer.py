@@ -7,10 +7,9 @@ import sys
 import types
 
 import pytest
-import torch
 
 from repo_root import CONFIGS
-from tiny_rl import read_metrics, rl_config, sevens_task
+from tiny_rl import assert_same_weights, read_metrics, rl_config, sevens_task
 from unmask.objectives.value import ValueConfig, ValueModel
 from unmask.sampling import SamplerConfig
 from unmask.train.checkpoint import CheckpointError, latest_checkpoint
@@ -32,18 +31,14 @@ def test_value_run_logs_saves_and_resumes_exactly(tmp_path):
     assert logged[0]["value_mean"] == 0  # zero-initialised head
     assert logged[-1]["value_mean"] != 0  # the value model was trained
     saved = ValueModel.from_pretrained(tmp_path / "straight" / "final_value", "float32", "cpu")
-    for (name, a), b in zip(
-        straight.value.core.state_dict().items(), saved.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b), name
+    assert_same_weights(straight.value.core, saved)
 
     checkpoint = latest_checkpoint(tmp_path / "straight")  # after step 2 of 3
     assert checkpoint.name.endswith("2") and (checkpoint / "value_optimizer.pt").is_file()
     resumed = RLTrainer(_config(tmp_path, "resumed", resume=str(checkpoint)), task=sevens_task())
     resumed.train()
-    for a, b in ((straight.core, resumed.core), (straight.value.core, resumed.value.core)):
-        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(x, y), name
+    assert_same_weights(straight.core, resumed.core)
+    assert_same_weights(straight.value.core, resumed.value.core)
     assert read_metrics(tmp_path / "resumed")[-1]["value_loss"] == logged[-1]["value_loss"]
 
 

@@ -1,14 +1,19 @@
-"""What the RL trainer tests share: a toy reward, its task, a tiny run's config, its metrics."""
+"""What the trainer tests share: a toy reward, its task, a tiny run's config, its metrics, and
+the checks that a resumed run equals an uninterrupted one."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
+from unmask.train.metrics import read_metrics
 from unmask.train.rl import RLConfig
+
+__all__ = ["assert_same_weights", "read_metrics", "rl_config", "sevens_task", "untimed"]
 
 
 def sevens(prompts, completions, **_):
@@ -39,6 +44,12 @@ def rl_config(tmp_path: Path, name: str = "run", **changes: Any) -> RLConfig:
     return RLConfig(**{**base, **changes})
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The lines of ``path / metrics.jsonl``."""
-    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+def untimed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Metrics lines without the wall-clock ones (``*_s``: seconds, tokens per second)."""
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in records]
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every tensor of ``a``'s state dict exactly equals ``b``'s, in order."""
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y), name

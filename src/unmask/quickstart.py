@@ -29,6 +29,7 @@ import yaml
 from unmask.config import ConfigError, from_dict, to_dict
 from unmask.sampling.sampler import SamplerConfig
 from unmask.tasks.registry import TASKS
+from unmask.train.metrics import METRICS_FILE, read_metrics
 from unmask.train.pace import clock, time_cap_message
 from unmask.train.rl import RLConfig
 from unmask.train.sft import SFTConfig
@@ -425,10 +426,9 @@ def _check_same_run(out: Path, config: QuickstartConfig) -> None:
 
 
 def _last_step(run_dir: Path) -> int | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    if not (run_dir / METRICS_FILE).exists():
         return None
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line]
+    steps = [record["step"] for record in read_metrics(run_dir)]
     return max(steps) if steps else None
 
 

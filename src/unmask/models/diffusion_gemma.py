@@ -25,7 +25,7 @@ from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBas
 from transformers.cache_utils import DynamicCache
 
 from unmask.integrity import verify_model_folder
-from unmask.models.diffusion_lm import _dtype, _load_tokenizer, resolve_device
+from unmask.models.diffusion_lm import _dtype, _load_tokenizer, resolve_device, save_folder
 
 
 class DiffusionGemma(nn.Module):
@@ -144,14 +144,7 @@ class DiffusionGemma(nn.Module):
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """Hugging Face layout: config, generation config, safetensors weights, tokenizer;
         with LoRA adapters, the LoRA layout of :mod:`unmask.models.lora` (trainer resumes)."""
-        if getattr(self.model, "peft_config", None) is not None:
-            from unmask.models.lora import save_lora
-
-            save_lora(self, Path(path))  # type: ignore[arg-type]
-        else:
-            self.model.save_pretrained(str(path), **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(path))
+        save_folder(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(

@@ -209,14 +209,7 @@ class DiffusionLM(nn.Module):
     def save_pretrained(self, path: str | Path, **kwargs: Any) -> None:
         """Hugging Face layout: config (with ``diffusion``), safetensors weights, tokenizer."""
         self.model.config.diffusion = dataclasses.asdict(self.settings)
-        if getattr(self.model, "peft_config", None) is not None:  # LoRA adapters attached
-            from unmask.models.lora import save_lora
-
-            save_lora(self, Path(path))
-        else:
-            self.model.save_pretrained(str(path), **kwargs)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(str(path))
+        save_folder(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -292,6 +285,20 @@ class DiffusionLM(nn.Module):
             )  # fmt: skip
         lm = cls(model, DiffusionSettings.from_dict(saved), tokenizer)
         return lm if quantized else lm.to(device)
+
+
+def save_folder(wrapper: nn.Module, path: str | Path, **kwargs: Any) -> None:
+    """Save a wrapper's transformers model (``wrapper.model``) and tokenizer in the Hugging
+    Face layout, or in the LoRA layout of :mod:`unmask.models.lora` when adapters are attached
+    (so trainers resume them); shared by every model wrapper."""
+    if getattr(wrapper.model, "peft_config", None) is not None:
+        from unmask.models.lora import save_lora
+
+        save_lora(wrapper, Path(path))  # type: ignore[arg-type]
+    else:
+        wrapper.model.save_pretrained(str(path), **kwargs)
+    if wrapper.tokenizer is not None:
+        wrapper.tokenizer.save_pretrained(str(path))
 
 
 @contextmanager

@@ -5,19 +5,24 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from torch import nn
 
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.loading import DiffusionModel, load_model
 from unmask.models.lora import LoRAConfig, add_lora, has_lora, merge_lora, quantization_config
-from unmask.train.checkpoint import latest_checkpoint, save_model
+from unmask.train.checkpoint import (
+    capture_rng_state,
+    latest_checkpoint,
+    save_checkpoint,
+    save_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +201,34 @@ class BatchStream:
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=g).tolist()
+
+
+def save_run_checkpoint(
+    trainer: Any,
+    step: int,
+    generators: dict[str, torch.Generator],
+    trainer_state: dict[str, Any],
+    model_view: Callable[[nn.Module], nn.Module] = lambda model: model,
+) -> Path:
+    """Checkpoint ``step`` of an SFT or RL trainer; every process calls it. The RNG states of
+    all processes are gathered, the whole model and optimizer state are put together (they
+    may be sharded), and the main process writes ``model_view`` of the model with them.
+    ``trainer`` has ``accelerator``, ``parallel``, ``model``, ``optimizer``, ``scheduler``,
+    ``output_dir`` and ``config.keep_last``."""
+    acc = trainer.accelerator
+    rng = [capture_rng_state(generators)]
+    if acc.num_processes > 1:
+        rng = gather_object(rng)
+    path = trainer.output_dir / "checkpoints"
+    optimizer = trainer.parallel.optimizer_state(trainer.model, trainer.optimizer)
+    with trainer.parallel.whole(trainer.model, main_only=True) as model:
+        if acc.is_main_process:
+            path = save_checkpoint(
+                trainer.output_dir, step, model_view(model), optimizer, trainer.scheduler,
+                trainer_state, rng_states=rng, keep_last=trainer.config.keep_last,
+            )  # fmt: skip
+    acc.wait_for_everyone()
+    return path
 
 
 def checkpoint_to_resume(output_dir: Path, resume: str | None, main: bool = True) -> Path | None:

@@ -50,7 +50,7 @@ from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
 from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.tasks.base import reward_total
-from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint, save_model
+from unmask.train.checkpoint import load_checkpoint, save_model
 from unmask.train.common import (
     BatchStream,
     UpdateGuard,
@@ -65,6 +65,7 @@ from unmask.train.common import (
     on_any_process,
     pin_threads,
     save_final,
+    save_run_checkpoint,
     training_model,
     write_plots,
 )
@@ -606,26 +607,12 @@ class RLTrainer:
 
     def save(self, step: int) -> Path:
         """Checkpoint ``step``: weights, optimizer, scheduler, RNG and data position."""
-        acc = self.accelerator
-        rng = [capture_rng_state({"trainer": self.generator})]
-        if acc.num_processes > 1:
-            rng = gather_object(rng)
-        path = self.output_dir / "checkpoints"
-        optimizer = self.parallel.optimizer_state(self.model, self.optimizer)
-        with self.parallel.whole(self.model, main_only=True) as model:
-            if acc.is_main_process:
-                path = save_checkpoint(
-                    self.output_dir,
-                    step,
-                    model if self.value is None else _WithValue(model, self.value),
-                    optimizer,
-                    self.scheduler,
-                    {"data": self.stream.state_dict(), "skipped_in_a_row": self.guard.in_a_row},
-                    rng_states=rng,
-                    keep_last=self.config.keep_last,
-                )
-        acc.wait_for_everyone()
-        return path
+        state = {"data": self.stream.state_dict(), "skipped_in_a_row": self.guard.in_a_row}
+        value = self.value
+        return save_run_checkpoint(
+            self, step, {"trainer": self.generator}, state,
+            (lambda model: model) if value is None else (lambda model: _WithValue(model, value)),
+        )  # fmt: skip
 
     def _resume(self) -> int:
         acc = self.accelerator

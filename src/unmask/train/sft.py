@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
@@ -36,7 +36,7 @@ from unmask.models.lora import LoRAConfig
 from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
 from unmask.objectives.views import collate
 from unmask.sampling.sampler import SamplerConfig, _pad_id
-from unmask.train.checkpoint import capture_rng_state, load_checkpoint, save_checkpoint
+from unmask.train.checkpoint import load_checkpoint
 from unmask.train.common import (
     BatchStream,
     UpdateGuard,
@@ -48,6 +48,7 @@ from unmask.train.common import (
     make_accelerator,
     pin_threads,
     save_final,
+    save_run_checkpoint,
     training_model,
     write_plots,
 )
@@ -363,32 +364,14 @@ class SFTTrainer:
 
     def save(self, step: int) -> Path:
         """Checkpoint ``step`` (all processes call this; the main one writes)."""
-        acc = self.accelerator
-        rng = [capture_rng_state({"noise": self.generator})]
-        if acc.num_processes > 1:
-            rng = gather_object(rng)
-        path = self.output_dir / "checkpoints"
-        optimizer = self.parallel.optimizer_state(self.model, self.optimizer)
-        with self.parallel.whole(self.model, main_only=True) as model:
-            if acc.is_main_process:
-                path = save_checkpoint(
-                    self.output_dir,
-                    step,
-                    model,
-                    optimizer,
-                    self.scheduler,
-                    {
-                        "data": self.stream.state_dict(),
-                        "num_rows": len(self.pairs),
-                        "metrics_window": self.window.state_dict(),
-                        "elapsed_s": self._elapsed_s(),
-                        "skipped_in_a_row": self.guard.in_a_row,
-                    },
-                    rng_states=rng,
-                    keep_last=self.config.keep_last,
-                )
-        acc.wait_for_everyone()
-        return path
+        state = {
+            "data": self.stream.state_dict(),
+            "num_rows": len(self.pairs),
+            "metrics_window": self.window.state_dict(),
+            "elapsed_s": self._elapsed_s(),
+            "skipped_in_a_row": self.guard.in_a_row,
+        }
+        return save_run_checkpoint(self, step, {"noise": self.generator}, state)
 
     def _resume(self) -> int:
         """Load the checkpoint named by ``config.resume``; the step to continue after."""
