@@ -17,7 +17,6 @@ Roles (``job["mode"]``):
   decoded into values built here from JSON, so a comparison only ever meets values of this
   process's making. It writes the verdict as one JSON line on its stdout (the test's own
   prints go to stderr), which the parent reads.
-- ``probe``: report what the setup could do (used once when a sandbox starts).
 """
 
 import builtins
@@ -36,8 +35,6 @@ SETUP_FAILED = 97  # exit status when isolation could not be set up
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWNET = 0x00020000, 0x08000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
 PR_SET_DUMPABLE = 4
-PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # world-writable: fresh tmpfs each
-PRIVATE_WORKDIR = "/tmp/sandbox"
 MAX_LINE = 64 << 20  # bytes of one message between the test and the program
 PLAIN = "None, bool, int, float, str, bytes, list, tuple, dict, set or frozenset"
 
@@ -68,20 +65,21 @@ def _unshare(flags):
         raise OSError(ctypes.get_errno(), f"unshare({flags:#x}) failed")
 
 
-def _private_mounts(size_bytes):
-    """Fresh size-capped tmpfs over every world-writable directory, in a mount namespace of
-    this run's own (entered by the caller): what the program writes there dies with it."""
+def _private_mounts(directories, workdir, size_bytes):
+    """Fresh size-capped tmpfs over each of the world-writable ``directories``, in a mount
+    namespace of this run's own (entered by the caller): what the program writes there dies
+    with it. The work directory is made inside them."""
     ctypes, libc = _libc()
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         raise OSError(ctypes.get_errno(), "making / private failed")
     options = f"size={size_bytes},mode=1777".encode()
-    for path in PRIVATE_DIRS:
+    for path in directories:
         if os.path.isdir(path) and not os.path.islink(path):
             flags = MS_NOSUID | MS_NODEV
             if libc.mount(b"tmpfs", path.encode(), b"tmpfs", flags, options) != 0:
                 raise OSError(ctypes.get_errno(), f"mounting a tmpfs on {path} failed")
-    os.mkdir(PRIVATE_WORKDIR, 0o700)
-    os.chdir(PRIVATE_WORKDIR)
+    os.mkdir(workdir, 0o700)
+    os.chdir(workdir)
 
 
 def _isolate(job):
@@ -94,7 +92,7 @@ def _isolate(job):
     if flags:
         _unshare(flags)
     if job["private_mounts"]:
-        _private_mounts(job["workdir_bytes"])
+        _private_mounts(job["private_dirs"], job["workdir"], job["workdir_bytes"])
     uid = job["uid"]
     if uid is not None:
         os.chown(".", uid, uid)
@@ -548,9 +546,7 @@ def main():
         sys.stderr.flush()
         os._exit(SETUP_FAILED)
     mode = job["mode"]
-    if mode == "probe":
-        print(json.dumps({"uid": os.getuid(), "cwd": os.getcwd()}))
-    elif mode == "stdio":
+    if mode == "stdio":
         module = types.ModuleType("__main__")
         module.__file__ = os.path.abspath("solution.py")
         sys.modules["__main__"] = module

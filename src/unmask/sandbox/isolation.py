@@ -30,9 +30,10 @@ SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", 
 UID_SEARCH = 1 << 16  # uids tried above uid_base when leasing
 UIDS_PER_WORKER = 4  # as root, runs rotate over these many uids per worker (two per run)
 # World-writable places a program could leave files in. The fallback as root mounts a fresh
-# tmpfs on each (``_harness.PRIVATE_DIRS``); where the kernel refuses, it deletes what the
-# run's uid left there instead.
+# tmpfs on each (the harness gets the list in its job); where the kernel refuses, it deletes
+# what the run's uid left there instead.
 SHARED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+PRIVATE_WORKDIR = "/tmp/sandbox"  # the fallback's work directory inside its private /tmp
 ROOT_CAPS = ("CAP_SETUID", "CAP_SETGID", "CAP_CHOWN")  # dropped with the switch to the uid
 
 

@@ -33,6 +33,8 @@ from typing import Any, Literal
 
 from unmask.sandbox.config import SandboxConfig
 from unmask.sandbox.isolation import (
+    PRIVATE_WORKDIR,
+    SHARED_DIRS,
     UIDS_PER_WORKER,
     WORKDIR,
     UidLeases,
@@ -48,7 +50,6 @@ from unmask.sandbox.process import Child, communicate, exit_status, kill, remove
 logger = logging.getLogger(__name__)
 
 HARNESS = Path(__file__).with_name("_harness.py")
-PRIVATE_WORKDIR = "/tmp/sandbox"  # the fallback's work directory in its private tmpfs
 PROBE = (
     "import fractions\ndef f(x):\n    return str(fractions.Fraction(x, 3) * 3)\n",
     "assert f(1) == '1'\n",
@@ -289,6 +290,7 @@ class Sandbox:
         header = json.dumps({
             **role, "uid": uid, "limits": self._limits(job),
             "unshare_net": not bwrap and self.network_isolated, "private_mounts": private,
+            "private_dirs": SHARED_DIRS, "workdir": workdir,
             "workdir_bytes": self.config.workdir_mb << 20,
         }).encode()  # fmt: skip
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
