@@ -14,6 +14,7 @@ import torch
 
 from unmask.integrity import file_sha256, verify_model_folder
 from unmask.models import DiffusionLM, from_preset
+from unmask.models.saving import save_model
 from unmask.train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -21,7 +22,6 @@ from unmask.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
-    save_model,
 )
 from unmask.train.metrics import MetricsWriter, read_metrics
 

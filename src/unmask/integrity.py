@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -172,3 +173,41 @@ def _check_size(folder: Path, name: str, size: int) -> None:
         raise CheckpointError(
             f"checkpoint {folder} is corrupt: {name} has {actual} bytes, the manifest says {size}"
         )
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Make a fully written temporary folder ``final``, durably: fsync every file and folder
+    below ``tmp``, then rename it into place (a crash leaves the old ``final`` or the new one,
+    never a mix)."""
+    _fsync_tree(tmp)
+    _replace_dir(tmp, final)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final`` (moving an existing ``final`` aside first), then fsync the
+    parent so the rename itself is durable."""
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
+        _fsync_dir(sub)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -110,7 +110,7 @@ def convert_checkpoint(
     keeps its stored dtype. ``overrides`` replace diffusion settings. Returns ``destination``.
     """
     from unmask.models.diffusion_lm import DTYPES, DiffusionLM, DiffusionSettings
-    from unmask.train.checkpoint import save_model
+    from unmask.models.saving import save_model
 
     dst = Path(destination)
     if dst.exists() and any(dst.iterdir()):
@@ -137,7 +137,7 @@ def _merge_lora_folder(source: Path, dst: Path, dtype: str | None) -> Path:
     folded in fp32, the result saved in ``dtype`` or the base's stored dtype."""
     from unmask.models.diffusion_lm import DiffusionLM
     from unmask.models.lora import merge_lora
-    from unmask.train.checkpoint import save_model
+    from unmask.models.saving import save_model
 
     config = _read_config(source / CONFIG)
     stored = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"

@@ -20,7 +20,7 @@ _LAZY = {
     "latest_checkpoint": "unmask.train.checkpoint",
     "load_checkpoint": "unmask.train.checkpoint",
     "save_checkpoint": "unmask.train.checkpoint",
-    "save_model": "unmask.train.checkpoint",
+    "save_model": "unmask.models.saving",
     "MetricsWriter": "unmask.train.metrics",
     "read_metrics": "unmask.train.metrics",
 }

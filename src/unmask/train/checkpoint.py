@@ -13,8 +13,8 @@ Saving writes into a hidden temporary folder next to the final one, fsyncs every
 folder, then renames it into place: a crash leaves the previous checkpoints untouched and at
 most a ``.tmp-*`` folder, which the next save removes. Loading checks the manifest first, so a
 partial, truncated or corrupted folder is refused, naming the folder and the file, before
-anything is changed. :func:`save_model` writes the same manifest into a model folder (a
-trainer's ``final/``), so loading it can be verified too.
+anything is changed. :func:`unmask.models.saving.save_model` writes the same manifest into a
+model folder (a trainer's ``final/``), so loading it can be verified too.
 """
 
 from __future__ import annotations
@@ -33,10 +33,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from transformers.utils import logging as hf_logging
 
 # CheckpointError lives with the manifests so models can raise it; it is re-exported here.
-from unmask.integrity import CheckpointError, verify_manifest, write_hashed, write_manifest
+from unmask.integrity import (
+    CheckpointError,
+    publish_folder,
+    verify_manifest,
+    write_hashed,
+    write_manifest,
+)
+from unmask.models.saving import save_pretrained_quietly
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +126,7 @@ def save_checkpoint(
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
 
-    _save_pretrained(model, tmp)
+    save_pretrained_quietly(model, tmp)
     optimizer_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
     digests = {OPTIMIZER: _torch_save(optimizer_state, tmp / OPTIMIZER)}
     if scheduler is not None:
@@ -129,26 +135,11 @@ def save_checkpoint(
     state = (json.dumps({"step": step, **extra}, indent=2) + "\n").encode()
     digests[TRAINER_STATE] = write_hashed(tmp / TRAINER_STATE, lambda f: f.write(state))
     write_manifest(tmp, digests, step=step)
-    _fsync_tree(tmp)
-    _replace_dir(tmp, final)
+    publish_folder(tmp, final)
     if keep_last is not None:
         for old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old)
     return final
-
-
-def save_model(model: nn.Module, path: str | Path) -> Path:
-    """``save_pretrained`` into ``path`` atomically (temporary sibling, fsync, rename), with a
-    manifest of sizes and SHA-256 digests so that loading it can detect corruption."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_pretrained(model, tmp)
-    write_manifest(tmp)
-    _fsync_tree(tmp)
-    _replace_dir(tmp, path)
-    return path
 
 
 def load_checkpoint(
@@ -225,18 +216,6 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     raise CheckpointError(f"the weights in {path} do not fit the model (unexpected keys {extra})")
 
 
-def _save_pretrained(model: nn.Module, path: Path) -> None:
-    """``model.save_pretrained`` without transformers' per-save progress bar (it would break
-    the trainer's own bar every checkpoint)."""
-    shown = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(path)  # type: ignore[operator]
-    finally:
-        if shown:
-            hf_logging.enable_progress_bar()
-
-
 def _torch_save(obj: Any, path: Path) -> str:
     """``torch.save`` hashing the bytes as they are written; returns their SHA-256."""
     return write_hashed(path, lambda f: torch.save(obj, f))
@@ -245,33 +224,3 @@ def _torch_save(obj: Any, path: Path) -> str:
 def _step_of(path: Path) -> int | None:
     suffix = path.name.removeprefix(PREFIX)
     return int(suffix) if path.name.startswith(PREFIX) and suffix.isdigit() else None
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final`` (moving an existing ``final`` aside first), then fsync the
-    parent so the rename itself is durable."""
-    if final.exists():
-        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for file in folder.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    for sub in [folder, *(p for p in folder.rglob("*") if p.is_dir())]:
-        _fsync_dir(sub)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,12 +17,8 @@ from torch import nn
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.loading import DiffusionModel, load_model
 from unmask.models.lora import LoRAConfig, add_lora, has_lora, merge_lora, quantization_config
-from unmask.train.checkpoint import (
-    capture_rng_state,
-    latest_checkpoint,
-    save_checkpoint,
-    save_model,
-)
+from unmask.models.saving import save_model
+from unmask.train.checkpoint import capture_rng_state, latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from unmask.config import to_dict
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.loading import DiffusionModel
 from unmask.models.lora import LoRAConfig, has_lora, reference_model
+from unmask.models.saving import save_model
 from unmask.objectives import (
     LOSS_TYPES,
     Objective,
@@ -50,7 +51,7 @@ from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
 from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.tasks.base import reward_total
-from unmask.train.checkpoint import load_checkpoint, save_model
+from unmask.train.checkpoint import load_checkpoint
 from unmask.train.common import (
     BatchStream,
     UpdateGuard,
