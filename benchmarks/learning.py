@@ -42,7 +42,7 @@ def evaluate(task: str, p, model_dir: Path, args: argparse.Namespace) -> dict:
     (the policy RL trains; the headline) and ``greedy_accuracy``."""
     from unmask.eval.evaluate import evaluate as run
     from unmask.models.diffusion_lm import DiffusionLM
-    from unmask.train.common import build_task
+    from unmask.tasks.registry import build_task
 
     model = DiffusionLM.from_pretrained(str(model_dir))
     data = build_task(task, p.task_options, model.tokenizer)

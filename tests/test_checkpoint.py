@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from unmask.integrity import file_sha256, verify_model_folder
+from unmask.metrics import MetricsWriter, read_metrics
 from unmask.models import DiffusionLM, from_preset
 from unmask.models.saving import save_model
 from unmask.train.checkpoint import (
@@ -23,7 +24,6 @@ from unmask.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from unmask.train.metrics import MetricsWriter, read_metrics
 
 
 def _setup(seed: int = 0):

@@ -107,8 +107,8 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(tmp_path):
     launch = ("--num_processes", "2", "--main_process_port", str(_free_port()))
     _wait([subprocess.Popen(_command("fsdp.yaml", recipe, *launch), **run)])
 
+    from unmask.metrics import read_metrics
     from unmask.train.checkpoint import latest_checkpoint
-    from unmask.train.metrics import read_metrics
 
     for output in (multi, single):  # both steps ran, from step 0 (no checkpoint yet)
         assert [r["step"] for r in read_metrics(output) if "loss" in r] == [1, 2]

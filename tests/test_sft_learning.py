@@ -3,11 +3,11 @@ accuracy (greedy sampling with unmask's Sampler), starting from an untrained nan
 
 from __future__ import annotations
 
+from unmask.metrics import read_metrics
 from unmask.models import DiffusionLM, from_preset
 from unmask.sampling import Sampler, SamplerConfig
 from unmask.tasks import get_task
 from unmask.tasks.sudoku import sudoku_cells
-from unmask.train.metrics import read_metrics
 from unmask.train.sft import SFTConfig, SFTData, SFTTrainer
 
 HELD_OUT = 32

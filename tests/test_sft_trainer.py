@@ -10,9 +10,9 @@ import torch
 
 from tiny_rl import assert_same_weights, untimed
 from unmask.cli import main
+from unmask.metrics import read_metrics
 from unmask.models import DiffusionLM
 from unmask.train.checkpoint import CheckpointError, checkpoint_dirs
-from unmask.train.metrics import read_metrics
 from unmask.train.sft import SFTConfig, SFTTrainer, encode_pairs
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import types
 
-from unmask.train.metrics import WANDB_ID_FILE, MetricsWriter, read_metrics
+from unmask.metrics import WANDB_ID_FILE, MetricsWriter, read_metrics
 
 
 class FakeRun:

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
+from unmask.metrics import read_metrics
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
-from unmask.train.metrics import read_metrics
 from unmask.train.rl import RLConfig
 
 __all__ = ["assert_same_weights", "read_metrics", "rl_config", "sevens_task", "untimed"]

@@ -27,9 +27,9 @@ from typing import Any
 import yaml
 
 from unmask.config import ConfigError, from_dict, to_dict
+from unmask.metrics import METRICS_FILE, read_metrics
 from unmask.sampling.sampler import SamplerConfig
 from unmask.tasks.registry import TASKS
-from unmask.train.metrics import METRICS_FILE, read_metrics
 from unmask.train.pace import clock, time_cap_message
 from unmask.train.rl import RLConfig
 from unmask.train.sft import SFTConfig
@@ -368,7 +368,8 @@ def _evaluate(
     finished evaluation left there); each summary gains its per-sample rewards."""
     from unmask.eval.evaluate import evaluate
     from unmask.models.diffusion_lm import DiffusionLM
-    from unmask.train.common import build_task, pin_threads
+    from unmask.tasks.registry import build_task
+    from unmask.train.common import pin_threads
 
     model = task = None
     summaries: dict[str, dict[str, Any]] = {}

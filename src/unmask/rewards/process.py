@@ -21,9 +21,13 @@ from typing import Any
 import torch
 
 from unmask.sampling.rollout import Rollout
-from unmask.tasks.base import is_vector
 
 logger = logging.getLogger(__name__)
+
+
+def is_vector(value: Any) -> bool:
+    """A per-token (process) reward: a list, tuple or 1-D array rather than one number."""
+    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
 
 
 def trace_columns(rollout: Rollout) -> dict[str, list[list[int]]]:

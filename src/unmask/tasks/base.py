@@ -22,6 +22,8 @@ from typing import Any, ClassVar
 
 import datasets
 
+from unmask.rewards.process import is_vector
+
 logger = logging.getLogger(__name__)
 
 RewardFunc = Callable[..., list[float | None]]
@@ -29,11 +31,6 @@ TEMPLATES = ("plain", "chat")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 GENERATED = "generated"
 _INTEGER = re.compile(r"[+-]?[0-9]+")
-
-
-def is_vector(value: Any) -> bool:
-    """A per-token (process) reward: a list, tuple or 1-D array rather than one number."""
-    return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
 
 
 def reward_total(value: Any) -> float | None:

@@ -47,3 +47,11 @@ def _task_class(name: str) -> type[Task]:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def build_task(name: str, options: dict[str, Any], tokenizer: Any) -> Task:
+    """The task named in a config; a chat template needs the model's tokenizer."""
+    options = dict(options)
+    if options.get("template") == "chat":
+        options.setdefault("tokenizer", tokenizer)
+    return get_task(name, **options)

@@ -21,8 +21,8 @@ _LAZY = {
     "load_checkpoint": "unmask.train.checkpoint",
     "save_checkpoint": "unmask.train.checkpoint",
     "save_model": "unmask.models.saving",
-    "MetricsWriter": "unmask.train.metrics",
-    "read_metrics": "unmask.train.metrics",
+    "MetricsWriter": "unmask.metrics",
+    "read_metrics": "unmask.metrics",
 }
 __all__ = sorted(_LAZY)
 

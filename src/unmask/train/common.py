@@ -317,16 +317,6 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def build_task(name: str, options: dict[str, Any], tokenizer: Any) -> Any:
-    """The task named in a config; a chat template needs the model's tokenizer."""
-    from unmask.tasks.registry import get_task
-
-    options = dict(options)
-    if options.get("template") == "chat":
-        options.setdefault("tokenizer", tokenizer)
-    return get_task(name, **options)
-
-
 def write_plots(output_dir: Path) -> None:
     """PNG plots of the run's metrics in ``OUTPUT_DIR/plots``. A plotting failure only warns:
     the model is saved by then."""

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from unmask.config import to_dict
+from unmask.metrics import MetricsWriter
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.loading import DiffusionModel
 from unmask.models.lora import LoRAConfig, has_lora, reference_model
@@ -51,13 +52,13 @@ from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler, SamplerConfig
 from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.tasks.base import reward_total
+from unmask.tasks.registry import build_task
 from unmask.train.checkpoint import load_checkpoint
 from unmask.train.common import (
     BatchStream,
     UpdateGuard,
     adapt_block_size,
     build_optimizer,
-    build_task,
     checkpoint_to_resume,
     disable_dropout,
     eval_metrics,
@@ -72,7 +73,6 @@ from unmask.train.common import (
 )
 from unmask.train.curriculum import CurriculumStage, check_curriculum, difficulty_rows, stage_at
 from unmask.train.distributed import Parallel
-from unmask.train.metrics import MetricsWriter
 from unmask.train.pace import Pace, time_cap_message
 from unmask.train.sharding import FSDPConfig, resolve_fsdp
 from unmask.train.step_rollouts import rollout_kind

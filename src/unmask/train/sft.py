@@ -31,18 +31,19 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from unmask.config import to_dict
+from unmask.metrics import MetricsWriter
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.lora import LoRAConfig
 from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
 from unmask.objectives.views import collate
 from unmask.sampling.sampler import SamplerConfig, _pad_id
+from unmask.tasks.registry import build_task
 from unmask.train.checkpoint import load_checkpoint
 from unmask.train.common import (
     BatchStream,
     UpdateGuard,
     adapt_block_size,
     build_optimizer,
-    build_task,
     checkpoint_to_resume,
     eval_metrics,
     make_accelerator,
@@ -53,7 +54,6 @@ from unmask.train.common import (
     write_plots,
 )
 from unmask.train.distributed import Parallel
-from unmask.train.metrics import MetricsWriter
 from unmask.train.pace import Pace
 from unmask.train.sharding import FSDPConfig, resolve_fsdp
 

@@ -16,7 +16,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from unmask.train.metrics import read_metrics
+from unmask.metrics import read_metrics
 
 PLOTS_DIR = "plots"
 

@@ -48,7 +48,7 @@ def run_trace(config: TraceConfig) -> Path:
     """Load the model, sample, score (with a task) and write the page; returns its path."""
     from unmask.models.diffusion_lm import DiffusionLM
     from unmask.sampling.sampler import Sampler
-    from unmask.train.common import build_task
+    from unmask.tasks.registry import build_task
     from unmask.viz.trace_html import replay_confidences, write_trace_html
 
     if not config.prompts and config.task is None:
