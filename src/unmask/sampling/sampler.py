@@ -160,7 +160,7 @@ class Sampler:
         steps_per_block = cfg.steps_per_block or b
         cache = self.cache_for(model)
         tokenizer = model.tokenizer
-        pad_id = _pad_id(model)
+        pad = pad_id(model)
         eos_id = tokenizer.eos_token_id if tokenizer is not None else None
         device = model.device
         canvas = Canvas.build(
@@ -169,7 +169,7 @@ class Sampler:
             b,
             model.settings.block_align,
             model.mask_token_id,
-            pad_id,
+            pad,
             device,
         )
         max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -245,7 +245,8 @@ def _quota(n_masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
     return base + (step < n_masked % steps).long()
 
 
-def _pad_id(model: DiffusionLM) -> int:
+def pad_id(model: DiffusionLM) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS, else the config's."""
     tok = model.tokenizer
     for candidate in (
         getattr(tok, "pad_token_id", None),

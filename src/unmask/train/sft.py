@@ -36,7 +36,7 @@ from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.lora import LoRAConfig
 from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
 from unmask.objectives.views import collate
-from unmask.sampling.sampler import SamplerConfig, _pad_id
+from unmask.sampling.sampler import SamplerConfig, pad_id
 from unmask.tasks.registry import build_task
 from unmask.train.checkpoint import load_checkpoint
 from unmask.train.common import (
@@ -284,7 +284,7 @@ class SFTTrainer:
         batches = [
             collate(
                 [self.pairs[i] for i in mine[j : j + cfg.batch_size]],
-                _pad_id(self.core),
+                pad_id(self.core),
                 self.core.block_size,
                 self.core.settings.block_align,
                 whole_blocks=self.objective == "block",
