@@ -235,7 +235,7 @@ class Sampler:
                 break
 
         return _to_rollout(
-            canvas, steps, logprobs, selection, prompt_ids, cfg, b, model, pad_id, eos_id, nfe
+            canvas, steps, logprobs, selection, prompt_ids, cfg, b, model, pad, eos_id, nfe
         )
 
 
