@@ -11,6 +11,7 @@ import torch
 from gemma_models import char_gemma, sharpened
 from unmask.models.diffusion_gemma_presets import gemma_preset
 from unmask.objectives.advantages import group_advantages
+from unmask.objectives.loss import ClipConfig
 from unmask.objectives.step_loss import backward_step_loss
 from unmask.objectives.step_objectives import get_step_objective
 from unmask.objectives.step_replay import step_logprobs, step_normalizers
@@ -72,7 +73,9 @@ def test_gradient_flows_and_on_policy_ratio_is_one(model, rollout):
     views = get_step_objective("agrpo", mc_samples=2).views(rollout, torch.Generator())
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     divisors = step_normalizers(rollout, "steps")
-    metrics = backward_step_loss(policy, rollout, views, advantages, divisors, model, beta=0.1)
+    metrics = backward_step_loss(
+        policy, rollout, views, advantages, divisors, model, clip=ClipConfig(beta=0.1)
+    )
     assert metrics["clip_ratio/region_mean"] == 0.0 and metrics["kl"] == pytest.approx(0, abs=1e-6)
     grads = {n: p.grad for n, p in policy.named_parameters() if p.grad is not None}
     assert any("self_conditioning" in n for n in grads)  # the block reading the stored input

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unmask.objectives.loss import k3, normalizers, policy_loss
+from unmask.objectives.loss import ClipConfig, LossInputs, k3, normalizers, policy_loss
 from unmask.sampling import Rollout
 
 # one view of one rollout, five scored tokens: (ratio, advantage)
@@ -21,9 +21,18 @@ def _tokens(ratios=RATIOS, advantages=ADVANTAGES):
     return new, old, torch.tensor([advantages]), torch.ones(1, 5, dtype=torch.bool)
 
 
-def _loss(new, old, adv, scored, **kw):
-    kw.setdefault("divisors", torch.tensor([5.0]))
-    return policy_loss(new, old, adv, scored, torch.ones(scored.shape), torch.tensor([0]), **kw)
+def _loss(new, old, adv, scored, ref_logprobs=None, **clip):
+    inputs = LossInputs(
+        new,
+        old,
+        adv,
+        scored,
+        torch.ones(scored.shape),
+        torch.tensor([0]),
+        torch.tensor([5.0]),
+        ref_logprobs,
+    )
+    return policy_loss(inputs, ClipConfig(**clip))
 
 
 def test_clipped_loss_matches_hand_computation():
@@ -71,7 +80,9 @@ def test_weights_and_unscored_tokens():
     new, old, adv, scored = _tokens([1.0] * 5, [1.0, 2.0, 3.0, 4.0, 5.0])
     scored[0, 4] = False
     weights = torch.tensor([[2.0, 1.0, 1.0, 0.5, 9.0]])
-    out = policy_loss(new, old, adv, scored, weights, torch.tensor([0]), torch.tensor([4.0]))
+    out = policy_loss(
+        LossInputs(new, old, adv, scored, weights, torch.tensor([0]), torch.tensor([4.0]))
+    )
     assert out.loss.item() == pytest.approx(-(2 + 2 + 3 + 2) / 4)
 
 
@@ -130,7 +141,9 @@ def test_each_normalisation_on_a_batch(rollout):
     totals = {}
     for loss_type in ("grpo", "dapo", "dr_grpo", "steps"):
         d = normalizers(rollout, loss_type)
-        out = policy_loss(logp, logp, adv, scored, scored.float(), torch.tensor([0, 1]), d)
+        out = policy_loss(
+            LossInputs(logp, logp, adv, scored, scored.float(), torch.tensor([0, 1]), d)
+        )
         totals[loss_type] = out.loss.item()
     assert totals == pytest.approx(
         {"grpo": -1.0, "dapo": -1.0, "dr_grpo": -5 / 8, "steps": -(3 / 2 + 2 / 4)}
@@ -143,9 +156,9 @@ def test_micro_batches_add_up(rollout):
     adv, scored = torch.randn(2), torch.rand(4, 4) > 0.3
     weights, index = torch.rand(4, 4), torch.tensor([0, 1, 0, 1])
     d = normalizers(rollout, "grpo")
-    whole = policy_loss(logp, old, adv, scored, weights, index, d, beta=0.0).loss
+    whole = policy_loss(LossInputs(logp, old, adv, scored, weights, index, d)).loss
     parts = sum(
-        policy_loss(logp[s], old[s], adv, scored[s], weights[s], index[s], d).loss
+        policy_loss(LossInputs(logp[s], old[s], adv, scored[s], weights[s], index[s], d)).loss
         for s in (slice(0, 1), slice(1, 4))
     )
     assert whole.item() == pytest.approx(parts.item(), abs=1e-6)
@@ -160,13 +173,14 @@ def test_sequence_level_ratio(rollout):
     adv = torch.tensor([1.0, 2.0])
     lengths = torch.tensor([3.0, 2.0])
     d = normalizers(rollout, "grpo")
-    out = policy_loss(
-        new, old, adv, scored, torch.ones(3, 4), torch.tensor([0, 0, 1]), d,
-        epsilon=0.1, level="sequence", lengths=lengths,
-    )  # fmt: skip
+    inputs = LossInputs(
+        new, old, adv, scored, torch.ones(3, 4), torch.tensor([0, 0, 1]), d, lengths=lengths
+    )
+    out = policy_loss(inputs, ClipConfig(epsilon=0.1, level="sequence"))
     hand = (-1.1 * 1.0 - math.exp(-0.2) * 2.0) / 2
     assert out.loss.item() == pytest.approx(hand, abs=1e-6)
     assert out.metrics["clip_ratio/high_mean"].item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="per-rollout"):
-        policy_loss(new, old, torch.ones(3, 4), scored, scored.float(), torch.tensor([0, 0, 1]), d,
-                    level="sequence", lengths=lengths)  # fmt: skip
+        inputs = LossInputs(new, old, torch.ones(3, 4), scored, scored.float(),
+                            torch.tensor([0, 0, 1]), d, lengths=lengths)  # fmt: skip
+        policy_loss(inputs, ClipConfig(level="sequence"))

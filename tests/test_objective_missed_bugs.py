@@ -24,6 +24,7 @@ import torch
 import unmask.train.rl as rl
 from tiny_rl import rl_config, sevens_task
 from unmask.objectives import OBJECTIVES, ViewBatch, policy_loss, token_logprobs
+from unmask.objectives.loss import ClipConfig, LossInputs
 from unmask.sampling import Rollout, Sampler, SamplerConfig
 from unmask.train.rl import RLTrainer
 
@@ -34,12 +35,12 @@ EPSILON, EPSILON_HIGH = 0.1, 0.3
 @dataclass
 class Scored:
     """One micro-batch the trainer trained on: its views, the policy's log-probs (detached),
-    the old log-probs and the loss call's keyword arguments, and the pass it belongs to."""
+    the old log-probs and the loss call's clipping settings, and the pass it belongs to."""
 
     views: ViewBatch
     logp: torch.Tensor
     old: torch.Tensor
-    kwargs: dict[str, Any]
+    clip: ClipConfig
     metrics: dict[str, torch.Tensor]
     iteration: int
 
@@ -83,12 +84,12 @@ def run_step(name: str, tmp_path_factory, monkeypatch) -> Step:
             pending.append((views, logp.detach()))
         return out
 
-    def spy_loss(logprobs, old_logprobs, *args, **kwargs):
-        out = policy_loss(logprobs, old_logprobs, *args, **kwargs)
+    def spy_loss(inputs, clip):
+        out = policy_loss(inputs, clip)
         views, logp = pending.pop()
-        assert torch.equal(logp, logprobs.detach())
+        assert torch.equal(logp, inputs.logprobs.detach())
         step.scored.append(
-            Scored(views, logp, old_logprobs.detach(), kwargs, out.metrics, iteration[0])
+            Scored(views, logp, inputs.old_logprobs.detach(), clip, out.metrics, iteration[0])
         )
         return out
 
@@ -133,7 +134,7 @@ def test_first_pass_scores_the_sampling_distribution_with_ratio_one(step):
 
 def test_the_trainer_passes_both_clip_bounds(step):
     for s in step.scored:
-        assert (s.kwargs["epsilon"], s.kwargs["epsilon_high"]) == (EPSILON, EPSILON_HIGH)
+        assert (s.clip.epsilon, s.clip.epsilon_high) == (EPSILON, EPSILON_HIGH)
 
 
 @pytest.mark.parametrize(
@@ -172,10 +173,11 @@ def _asymmetric(level: str):
         advantages = torch.tensor(ADVANTAGES)
         divisors = torch.tensor([2.0, 2.0])
     new.requires_grad_()
-    out = policy_loss(
+    inputs = LossInputs(
         new, old, advantages, views["scored"], torch.ones(new.shape), views["rollout_index"],
-        divisors, epsilon=0.2, epsilon_high=0.28, level=level, lengths=torch.tensor([1, 1]),
+        divisors, lengths=torch.tensor([1, 1]),
     )  # fmt: skip
+    out = policy_loss(inputs, ClipConfig(epsilon=0.2, epsilon_high=0.28, level=level))
     out.loss.backward()
     return out, new.grad.flatten()
 
@@ -207,9 +209,9 @@ def test_lora_dropout_does_not_move_the_first_pass_ratio(tmp_path, monkeypatch):
                 param.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(0))
     ratios: list[torch.Tensor] = []
 
-    def spy_loss(logprobs, old_logprobs, advantages, scored, *args, **kwargs):
-        ratios.append(torch.exp(logprobs - old_logprobs).detach()[scored])
-        return policy_loss(logprobs, old_logprobs, advantages, scored, *args, **kwargs)
+    def spy_loss(inputs, clip):
+        ratios.append(torch.exp(inputs.logprobs - inputs.old_logprobs).detach()[inputs.scored])
+        return policy_loss(inputs, clip)
 
     monkeypatch.setattr(rl, "policy_loss", spy_loss)
     trainer.train()

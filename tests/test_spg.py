@@ -18,6 +18,7 @@ from tiny_rl import read_metrics, rl_config, sevens_task
 from toy_tables import logprob_table
 from unmask.models import build_char_tokenizer, from_preset
 from unmask.objectives import (
+    LossInputs,
     Objective,
     get_objective,
     normalizers,
@@ -215,8 +216,9 @@ def test_shared_loss_at_ratio_one_has_the_sandwiched_gradient(toy, negative):
     model.zero_grad()
     logp = token_logprobs(model, views, micro_batch_size=64)
     adv, weights = spg.reweight(views, logp.detach(), advantages, lengths, 2)
-    out = policy_loss(logp, logp.detach(), adv, views.scored, weights, views.rollout_index,
-                      divisors)  # fmt: skip
+    inputs = LossInputs(logp, logp.detach(), adv, views.scored, weights, views.rollout_index,
+                        divisors)  # fmt: skip
+    out = policy_loss(inputs)
     out.loss.backward()
     via_loss = param.grad.clone()
 

@@ -13,7 +13,14 @@ from unmask.objectives.base import Objective, ViewBatch, build, token_logprobs
 from unmask.objectives.coupled import Coupled
 from unmask.objectives.diffu_grpo import DiffuGRPO
 from unmask.objectives.elbo import ELBO
-from unmask.objectives.loss import LOSS_TYPES, LossOutput, normalizers, policy_loss
+from unmask.objectives.loss import (
+    LOSS_TYPES,
+    ClipConfig,
+    LossInputs,
+    LossOutput,
+    normalizers,
+    policy_loss,
+)
 from unmask.objectives.random_mask import RandomMask
 from unmask.objectives.replay import Replay, replay
 from unmask.objectives.spg import SPG
@@ -42,9 +49,11 @@ __all__ = [
     "SPG",
     "STEP_OBJECTIVES",
     "WD1",
+    "ClipConfig",
     "Coupled",
     "DiffuGRPO",
     "GroupAdvantages",
+    "LossInputs",
     "LossOutput",
     "Objective",
     "RandomMask",

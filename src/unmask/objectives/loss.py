@@ -20,8 +20,9 @@ loss_type     ``D_b``                        meaning
                                              unmask completion tokens
 ============  =============================  ============================================
 
-Losses of micro-batches add up: call :func:`policy_loss` on each micro-batch of views with the
-divisors of the whole rollout batch and sum (no division by accumulation steps).
+Losses of micro-batches add up: call :func:`policy_loss` on each micro-batch of views
+(:class:`LossInputs`) with the divisors of the whole rollout batch and sum (no division by
+accumulation steps).
 
 Over several processes every count (``B``, ``sum_b |o_b|``) is the global one, and each
 divisor is divided by the number of processes, which average their gradients
@@ -118,30 +119,50 @@ def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return _k3((ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
 
 
-def policy_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    scored: torch.Tensor,
-    weights: torch.Tensor,
-    rollout_index: torch.Tensor,
-    divisors: torch.Tensor,
-    ref_logprobs: torch.Tensor | None = None,
-    *,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.0,
-    level: str = "token",
-    lengths: torch.Tensor | None = None,
-    entropy: torch.Tensor | None = None,
-) -> LossOutput:
-    """Clipped surrogate (+ ``beta`` k3 KL) of a micro-batch of views (see the module doc).
+@dataclass(frozen=True)
+class ClipConfig:
+    """How the surrogate is clipped and regularised (TRL's names): the ratio is clipped to
+    ``[1 - epsilon, 1 + epsilon_high]`` (``epsilon_high`` None: symmetric), ``beta`` weighs the
+    k3 KL to the reference, ``level`` is ``token`` or ``sequence`` (one ratio per rollout)."""
 
-    ``logprobs``, ``old_logprobs``, ``ref_logprobs``, ``scored``, ``weights``, ``entropy``
-    are ``[N, W]`` view tensors (:class:`~unmask.objectives.base.ViewBatch`); ``advantages``
-    is ``[B]`` per rollout or ``[N, W]`` per token (token level only); ``divisors`` ``[B]``
-    from :func:`normalizers`; ``lengths`` ``[B]`` completion lengths (sequence level).
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    level: str = "token"
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch of views, as :func:`policy_loss` reads it.
+
+    ``logprobs`` (with graph), ``old_logprobs``, ``ref_logprobs``, ``scored``, ``weights``,
+    ``entropy`` are ``[N, W]`` view tensors (:class:`~unmask.objectives.base.ViewBatch`);
+    ``advantages`` is ``[B]`` per rollout or ``[N, W]`` per token (token level only);
+    ``rollout_index`` ``[N]`` the rollout of each view; ``divisors`` ``[B]`` from
+    :func:`normalizers`; ``lengths`` ``[B]`` completion lengths (sequence level); ``entropy``
+    only feeds a metric.
     """
+
+    logprobs: torch.Tensor
+    old_logprobs: torch.Tensor
+    advantages: torch.Tensor
+    scored: torch.Tensor
+    weights: torch.Tensor
+    rollout_index: torch.Tensor
+    divisors: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+
+
+def policy_loss(inputs: LossInputs, clip: ClipConfig | None = None) -> LossOutput:
+    """Clipped surrogate (+ ``beta`` k3 KL) of a micro-batch of views (see the module doc)."""
+    clip = clip or ClipConfig()
+    logprobs, old_logprobs, advantages = inputs.logprobs, inputs.old_logprobs, inputs.advantages
+    scored, weights, rollout_index = inputs.scored, inputs.weights, inputs.rollout_index
+    divisors, ref_logprobs = inputs.divisors, inputs.ref_logprobs
+    lengths, entropy = inputs.lengths, inputs.entropy
+    epsilon, epsilon_high, beta, level = clip.epsilon, clip.epsilon_high, clip.beta, clip.level
     if level not in LEVELS:
         raise ValueError(f"importance_sampling_level must be one of {LEVELS}, got {level!r}")
     high = epsilon if epsilon_high is None else epsilon_high

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from unmask.models.diffusion_gemma import DiffusionGemma
-from unmask.objectives.loss import policy_loss
+from unmask.objectives.loss import ClipConfig, LossInputs, policy_loss
 from unmask.objectives.step_replay import StepViews, step_logprobs
 from unmask.sampling.step_trace import StepRollout
 
@@ -25,10 +25,7 @@ def backward_step_loss(
     ref_model: DiffusionGemma | None = None,
     *,
     rollouts_per_batch: int = 4,
-    epsilon: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.0,
-    level: str = "token",
+    clip: ClipConfig | None = None,
 ) -> dict[str, float]:
     """Backpropagate the loss of ``views`` (gradients accumulate in ``model``); returns the
     summed loss and the token-weighted mean of each metric."""
@@ -45,14 +42,14 @@ def backward_step_loss(
         mb = StepViews(mb.step.to(device), mb.row.to(device), mb.weight.to(device))
         scored = mb.scored(trace)
         ref = None
-        if beta != 0.0 and ref_model is not None:
+        if clip is not None and clip.beta != 0.0 and ref_model is not None:
             with torch.no_grad():
                 ref = step_logprobs(ref_model, rollout, mb)
-        out = policy_loss(
+        inputs = LossInputs(
             step_logprobs(model, rollout, mb), mb.sampler_logprobs(trace), advantages, scored,
-            mb.weights(trace), mb.row, divisors, ref, epsilon=epsilon, epsilon_high=epsilon_high,
-            beta=beta, level=level, lengths=lengths,
+            mb.weights(trace), mb.row, divisors, ref, lengths=lengths,
         )  # fmt: skip
+        out = policy_loss(inputs, clip)
         out.loss.backward()
         n = float(scored.sum())
         totals["loss"] += float(out.loss.detach())

@@ -39,7 +39,7 @@ from unmask.objectives import (
     token_logprobs,
 )
 from unmask.objectives.advantages import SCALE_REWARDS
-from unmask.objectives.loss import global_normalizers
+from unmask.objectives.loss import ClipConfig, LossInputs, global_normalizers
 from unmask.objectives.value import (
     ValueConfig,
     ValueLearner,
@@ -282,7 +282,8 @@ class RLTrainer:
             options.setdefault("two_stream", model.layout == "block")
         self.objective: Objective = get_objective(cfg.objective, **options)
         self.loss_type = cfg.loss_type or self.objective.loss_type
-        self.level = cfg.importance_sampling_level or self.objective.importance_sampling_level
+        level = cfg.importance_sampling_level or self.objective.importance_sampling_level
+        self.clip = ClipConfig(cfg.epsilon, cfg.epsilon_high, cfg.beta, level)
         needs_logprobs = self.objective.old_logprobs == "sampler"
         self.sampler = Sampler(replace(cfg.sampler, return_logprobs=needs_logprobs, seed=None))
 
@@ -478,6 +479,7 @@ class RLTrainer:
         advantages, kept = advantages.to(device), kept.to(device)
         divisors = global_normalizers(acc, rollout, self.loss_type, kept)
         lengths = rollout.completion_lengths
+        clip = self.clip
         sample_kw = self._sampling_kwargs()
         built = [self.objective.views(rollout, self.generator) for _ in range(cfg.num_iterations)]
         views = [_trained(v, kept) for v in built]
@@ -510,7 +512,7 @@ class RLTrainer:
                         chunk_adv, weights = self.objective.reweight(
                             chunk, logp.detach(), advantages, lengths, cfg.num_generations
                         )
-                    out = policy_loss(
+                    inputs = LossInputs(
                         logp,
                         logp.detach() if old is None else old[rows].to(device),
                         chunk_adv,
@@ -519,13 +521,10 @@ class RLTrainer:
                         chunk.rollout_index,
                         divisors,
                         None if ref is None else ref[rows].to(device),
-                        epsilon=cfg.epsilon,
-                        epsilon_high=cfg.epsilon_high,
-                        beta=cfg.beta,
-                        level=self.level,
                         lengths=lengths,
                         entropy=entropy,
                     )
+                    out = policy_loss(inputs, clip)
                     acc.backward(out.loss)
                 loss_sum += float(out.loss.detach())
                 for key, value in out.metrics.items():

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from unmask.models.diffusion_gemma import DiffusionGemma
+from unmask.objectives.loss import ClipConfig
 from unmask.objectives.step_loss import backward_step_loss
 from unmask.objectives.step_objectives import StepObjective, get_step_objective
 from unmask.objectives.step_replay import StepViews, step_normalizers
@@ -59,7 +60,8 @@ class StepRollouts:
             config.objective, **config.objective_options
         )
         self.loss_type = config.loss_type or self.objective.loss_type
-        self.level = config.importance_sampling_level or self.objective.importance_sampling_level
+        level = config.importance_sampling_level or self.objective.importance_sampling_level
+        self.clip = ClipConfig(config.epsilon, config.epsilon_high, config.beta, level)
         self.sampler = StepSampler(replace(config.step_sampler, seed=None))
 
     def sample(self, model: DiffusionGemma, prompts: list[str], seed: int) -> StepRollout:
@@ -85,8 +87,7 @@ class StepRollouts:
             with acc.autocast():
                 out = backward_step_loss(
                     trainer.core, rollout, view, advantages, divisors, trainer.reference,
-                    rollouts_per_batch=per_batch, epsilon=cfg.epsilon,
-                    epsilon_high=cfg.epsilon_high, beta=cfg.beta, level=self.level,
+                    rollouts_per_batch=per_batch, clip=self.clip,
                 )  # fmt: skip
             grad_norm = trainer.parallel.clip_grad_norm(trainer.model, cfg.max_grad_norm)
             if trainer.guard.skip(out["loss"], float(grad_norm), trainer.steps_done + 1):
