@@ -242,6 +242,7 @@ def render_trace(tokens: Sequence[str], steps: Sequence[int]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``unmask`` argument parser: one subcommand per job, each taking a YAML config."""
     parser = argparse.ArgumentParser(
         prog="unmask", description="RL post-training for masked diffusion language models"
     )
@@ -358,6 +359,7 @@ def _debug(args: argparse.Namespace) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``unmask`` command line; returns the exit code (2 for a user's mistake)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.config is not None and "=" in args.config:

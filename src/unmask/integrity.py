@@ -51,13 +51,16 @@ class HashingWriter:
         self._sha256 = hashlib.sha256()
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` through, hashing it on the way."""
         self._sha256.update(data)
         return self._file.write(data)
 
     def flush(self) -> None:
+        """Flush the underlying file."""
         self._file.flush()
 
     def hexdigest(self) -> str:
+        """SHA-256 of everything written so far."""
         return self._sha256.hexdigest()
 
 

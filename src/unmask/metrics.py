@@ -81,6 +81,7 @@ class MetricsWriter:
             self._wandb.log({k: v for k, v in record.items() if v is not None})
 
     def close(self) -> None:
+        """Flush and close the TensorBoard and W&B writers (the JSONL file is closed per line)."""
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None

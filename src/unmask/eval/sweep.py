@@ -48,6 +48,7 @@ class EvalSweep:
 
     @property
     def enabled(self) -> bool:
+        """Whether any decoding setting is swept (otherwise one evaluation runs)."""
         return bool(self.steps_per_block or self.threshold)
 
     def settings(self, base: SamplerConfig) -> list[tuple[str, SamplerConfig]]:

@@ -79,6 +79,7 @@ class CodeTests:
             raise ValueError(f"test_time_limit must be > 0, got {self.time_limit!r}")
 
     def jobs(self, program: str) -> list[Job]:
+        """One sandbox job per test case of ``program`` (the shared prefix prepended)."""
         if self.prefix and not program.startswith(self.prefix):
             program = f"{self.prefix}\n{program}"
         if self.method == "stdio":
@@ -89,6 +90,7 @@ class CodeTests:
         ]
 
     def passed(self, index: int, result: RunResult) -> bool:
+        """Whether test case ``index`` passed, judged from the sandbox's result only."""
         if self.method == "function":
             return result.completed
         return result.completed and same_output(result.stdout, self.expected[index])

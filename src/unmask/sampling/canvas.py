@@ -38,6 +38,7 @@ class Canvas:
         pad_token_id: int,
         device: torch.device,
     ) -> Canvas:
+        """Left-padded canvas of ``prompts`` followed by ``gen_length`` masked columns per row."""
         lengths = torch.tensor([len(p) for p in prompts], device=device)
         origin = block_origin(lengths, block_length, align)  # type: ignore[arg-type]
         lead = lengths - origin  # prompt tokens sharing block 0

@@ -57,14 +57,17 @@ class Rollout:
 
     @property
     def batch_size(self) -> int:
+        """Number of rollouts (rows)."""
         return self.completion_ids.shape[0]
 
     @property
     def prompt_lengths(self) -> torch.Tensor:
+        """Real (unpadded) prompt tokens per row, ``[B]``."""
         return self.prompt_mask.sum(dim=1)
 
     @property
     def completion_lengths(self) -> torch.Tensor:
+        """Scored completion tokens per row (EOS included), ``[B]``."""
         return self.completion_mask.sum(dim=1)
 
     @property
@@ -84,18 +87,21 @@ class Rollout:
     def completion_texts(
         self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True
     ) -> list[str]:
+        """The completions decoded (the scored tokens only)."""
         return [
             tokenizer.decode(ids[mask].tolist(), skip_special_tokens=skip_special_tokens)
             for ids, mask in zip(self.completion_ids, self.completion_mask, strict=True)
         ]
 
     def prompt_texts(self, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+        """The prompts decoded, special tokens kept (they are what the model read)."""
         return [
             tokenizer.decode(ids[mask].tolist(), skip_special_tokens=False)
             for ids, mask in zip(self.prompt_ids, self.prompt_mask, strict=True)
         ]
 
     def to(self, device: torch.device | str) -> Rollout:
+        """Every tensor of the rollout on ``device``."""
         moved = {
             f.name: getattr(self, f.name).to(device)
             for f in fields(self)

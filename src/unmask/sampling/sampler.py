@@ -120,6 +120,7 @@ class Sampler:
         self.config = config or SamplerConfig()
 
     def cache_for(self, model: DiffusionLM) -> str:
+        """The cache mode used for ``model``: ``auto`` is a KV cache for block models."""
         cache = self.config.cache
         if cache == "auto":
             return "kv" if model.layout == "block" else "none"

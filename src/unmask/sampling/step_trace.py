@@ -49,6 +49,7 @@ class StepTrace:
 
     @property
     def num_steps(self) -> int:
+        """Denoising steps recorded."""
         return self.canvas.shape[0]
 
     @property
@@ -66,6 +67,7 @@ class StepTrace:
         return torch.where(self.scored, self.logprobs.double(), 0.0).sum(dim=(0, 2))
 
     def to(self, device: torch.device | str) -> StepTrace:
+        """Every tensor of the trace on ``device``."""
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
 
@@ -83,5 +85,6 @@ class StepRollout(Rollout):
     trace: StepTrace | None = None
 
     def to(self, device: torch.device | str) -> StepRollout:
+        """The rollout and its trace on ``device``."""
         moved = super().to(device)
         return replace(moved, trace=None if self.trace is None else self.trace.to(device))

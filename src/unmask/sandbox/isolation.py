@@ -193,6 +193,7 @@ class UidLeases:
         raise RuntimeError(f"no {count} free sandbox uids in {base}..{base + UID_SEARCH}")
 
     def release(self) -> None:
+        """Give back the leased uids (closing their lock files)."""
         for fd in self._files:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -32,6 +32,7 @@ class Child:
     code: int | None = None  # the exit status when the run's reading ended; None: still running
 
     def text(self, stream: str) -> str:
+        """A captured stream (``stdout`` or ``stderr``) as text, undecodable bytes replaced."""
         return bytes(getattr(self, stream)).decode("utf-8", "replace")
 
 

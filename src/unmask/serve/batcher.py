@@ -22,13 +22,21 @@ from typing import Any, Generic, Protocol, TypeVar
 
 
 class Batchable(Protocol):
-    @property
-    def key(self) -> Hashable: ...
+    """A job the batcher can group: jobs with equal ``key`` share one sampler call."""
 
     @property
-    def rows(self) -> int: ...
+    def key(self) -> Hashable:
+        """Jobs with the same key (decoding settings) can run in one batch."""
+        ...
 
-    def cancel(self) -> None: ...
+    @property
+    def rows(self) -> int:
+        """Sampler rows the job takes."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop the job (its client went away)."""
+        ...
 
 
 J = TypeVar("J", bound=Batchable)
@@ -69,9 +77,11 @@ class Batcher(Generic[J]):
         self.running = False
 
     def start(self) -> None:
+        """Start the batching loop on the running event loop."""
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
+        """Stop the batching loop and cancel the jobs still waiting."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -81,6 +91,7 @@ class Batcher(Generic[J]):
 
     @property
     def queued(self) -> int:
+        """Jobs submitted and not yet answered."""
         return sum(not w.future.done() for w in self._waiting)
 
     def submit(self, job: J) -> asyncio.Future[Any]:

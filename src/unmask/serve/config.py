@@ -49,4 +49,5 @@ class ServeConfig:
 
     @property
     def model_name(self) -> str:
+        """The name clients use for the model: ``served_model_name`` or the model path."""
         return self.served_model_name or self.model

@@ -54,6 +54,7 @@ class Job:
 
     @property
     def cancelled(self) -> bool:
+        """Whether the client went away (the sampler stops at its next step)."""
         return self._cancelled.is_set()
 
     def cancel(self) -> None:
@@ -62,10 +63,12 @@ class Job:
 
     @property
     def rows(self) -> int:
+        """Sampler rows this job needs (prompts times ``n``)."""
         return len(self.prompts) * self.n
 
     @property
     def prompt_tokens(self) -> int:
+        """Prompt tokens over all prompts (the usage report's count)."""
         return sum(len(p) for p in self.prompts)
 
 

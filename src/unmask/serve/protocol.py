@@ -70,6 +70,7 @@ class APIError(Exception):
         self.kind = kind
 
     def body(self) -> dict[str, Any]:
+        """The OpenAI-style JSON error body."""
         return {
             "error": {
                 "message": self.message,
@@ -186,6 +187,7 @@ class GenerationRequest(BaseModel):
         return None
 
     def stops(self) -> list[str]:
+        """The stop strings as a list."""
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 

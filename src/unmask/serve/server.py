@@ -41,9 +41,11 @@ class BackgroundServer:
 
     @property
     def url(self) -> str:
+        """Base URL of the running server."""
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> BackgroundServer:
+        """Start serving in a background thread; returns once it accepts connections."""
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -53,6 +55,7 @@ class BackgroundServer:
         return self
 
     def stop(self) -> None:
+        """Stop the server and wait for its thread."""
         self._server.should_exit = True
         self._thread.join(timeout=30)
         self._socket.close()

@@ -221,9 +221,11 @@ class Task:
         raise NotImplementedError
 
     def plain_prompt(self, row: Mapping[str, Any]) -> str:
+        """The prompt of the ``plain`` template (tiny models: no chat markup)."""
         raise NotImplementedError
 
     def plain_target(self, row: Mapping[str, Any]) -> str:
+        """The reference completion under the ``plain`` template (SFT's target)."""
         raise NotImplementedError
 
     def instruction(self, row: Mapping[str, Any]) -> str:
@@ -231,11 +233,13 @@ class Task:
         raise NotImplementedError
 
     def chat_target(self, row: Mapping[str, Any]) -> str:
+        """The reference completion under the ``chat`` template, in the format asked for."""
         raise NotImplementedError
 
     # Data.
 
     def source_for(self, split: str) -> str:
+        """Where ``split`` comes from: ``generated``, a file or a hub dataset name."""
         if isinstance(self.source, str):
             return self.source
         if split not in self.source:
@@ -243,6 +247,7 @@ class Task:
         return self.source[split]
 
     def size(self, split: str) -> int | None:
+        """The row cap (files, hub) or count (generated) of ``split``; None: all / default."""
         return {"train": self.num_train, "test": self.num_test}.get(split)
 
     def rows(self, split: str) -> list[dict[str, Any]]:
