@@ -19,7 +19,7 @@ from unmask.train.sft import SFTConfig
 SFT = str(CONFIGS / "sft_sudoku_tiny.yaml")
 COMMANDS = {  # each command that writes, with its recipe and the field that says where
     "sft": [SFT, "output_dir={}"],
-    "rl": [str(CONFIGS / "rl_tracerl_sudoku_tiny.yaml"), "output_dir={}"],
+    "rl": [str(CONFIGS / "rl_sudoku_tiny.yaml"), "output_dir={}"],
     "eval": [str(CONFIGS / "eval_sudoku_tiny.yaml"), "output_dir={}"],
     "trace": [str(CONFIGS / "trace_sudoku_tiny.yaml"), "output={}/page.html"],
     "quickstart": ["--output-dir", "{}"],
