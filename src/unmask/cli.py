@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(run=_trace)
     trainers = (
         ("sft", "masked-diffusion supervised fine-tuning", "configs/sft_sudoku_tiny.yaml", _sft),
-        ("rl", "RL post-training (objective=tracerl|agrpo|diffu_grpo|coupled|random_mask|elbo|spg|wd1)",
-         "configs/rl_sudoku_tiny.yaml", _rl),
+        ("rl", "RL post-training (objective=tracerl, agrpo, diffu_grpo, coupled, random_mask, "
+         "elbo, spg, wd1)", "configs/rl_sudoku_tiny.yaml", _rl),
     )  # fmt: skip
     for name, help_text, example, run in trainers:
         sub = commands.add_parser(name, help=help_text)
