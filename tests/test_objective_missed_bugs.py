@@ -137,9 +137,7 @@ def test_the_trainer_passes_both_clip_bounds(step):
         assert (s.clip.epsilon, s.clip.epsilon_high) == (EPSILON, EPSILON_HIGH)
 
 
-@pytest.mark.parametrize(
-    "name", sorted(n for n, c in OBJECTIVES.items() if not getattr(c, "ratio_free", False))
-)
+@pytest.mark.parametrize("name", sorted(n for n, c in OBJECTIVES.items() if not c.ratio_free))
 def test_every_pass_uses_its_own_old_logprobs(name, tmp_path_factory, monkeypatch):
     step = run_step(name, tmp_path_factory, monkeypatch)
     objective, rollout = step.trainer.objective, step.rollout

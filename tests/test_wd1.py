@@ -11,6 +11,7 @@ import torch
 from tiny_rl import read_metrics, rl_config, sevens_task
 from unmask.models import build_char_tokenizer, from_preset
 from unmask.objectives import (
+    LossInputs,
     Objective,
     get_objective,
     normalizers,
@@ -74,8 +75,9 @@ def test_gradient_matches_hand_computation():
     logp = token_logprobs(model, views, micro_batch_size=8)
     coef, weights = wd1.reweight(views, logp.detach(), advantages, rollout.completion_lengths, 3)
     divisors = normalizers(rollout, wd1.loss_type)
-    out = policy_loss(logp, logp.detach(), coef, views.scored, weights, views.rollout_index,
-                      divisors)  # fmt: skip
+    inputs = LossInputs(logp, logp.detach(), coef, views.scored, weights, views.rollout_index,
+                        divisors)  # fmt: skip
+    out = policy_loss(inputs)
     out.loss.backward()
     via_loss = param.grad.clone()
 

@@ -5,11 +5,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from unmask.objectives.advantages import SCALE_REWARDS, GroupAdvantages, group_advantages
 from unmask.objectives.agrpo import AGRPO
-from unmask.objectives.base import Objective, ViewBatch, build, token_logprobs
+from unmask.objectives.base import (
+    Capabilities,
+    Objective,
+    ViewBatch,
+    build,
+    check_options_in,
+    token_logprobs,
+)
 from unmask.objectives.coupled import Coupled
 from unmask.objectives.diffu_grpo import DiffuGRPO
 from unmask.objectives.elbo import ELBO
@@ -40,6 +48,14 @@ def get_objective(name: str, **options: Any) -> Objective:
     return build(OBJECTIVES, name, options, "objective")
 
 
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Refuse an unknown objective or option (``ValueError`` naming the known ones) without
+    building anything, so a config is checked before any model loads. An option is valid when
+    the masked or the per-step objective of that name takes it: the model kind is not known yet.
+    """
+    check_options_in((OBJECTIVES, STEP_OBJECTIVES), name, options)
+
+
 __all__ = [
     "AGRPO",
     "ELBO",
@@ -49,6 +65,7 @@ __all__ = [
     "SPG",
     "STEP_OBJECTIVES",
     "WD1",
+    "Capabilities",
     "ClipConfig",
     "Coupled",
     "DiffuGRPO",
@@ -63,6 +80,7 @@ __all__ = [
     "TraceRL",
     "ViewBatch",
     "backward_step_loss",
+    "check_options",
     "get_objective",
     "get_step_objective",
     "group_advantages",

@@ -61,12 +61,17 @@ class StepDraw:
 
 @dataclass
 class AGRPO(StepDraw, ExactSelection, Objective):
+    """AGRPO (module doc): ``mc_samples`` trace steps per rollout, each scored from the state
+    before it with weight ``1 / (K q)``, so the sum is unbiased for TraceRL's."""
+
     name = "agrpo"
     old_logprobs = "sampler"
     scores_sampling_distribution = True
     loss_type = "steps"
+    scores_trace_states = True
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """One view per distinct drawn step: the state before it, its tokens scored."""
         rp = replay(rollout)
         proposal = self._proposal(rp, self.sampler_logprobs(rollout))
         k, stratified = self.mc_samples, self.low_discrepancy

@@ -10,7 +10,7 @@ in). The shared loss (:mod:`unmask.objectives.loss`) then only needs one normali
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from math import inf
 from typing import Any, ClassVar, Literal, TypeVar
@@ -65,10 +65,12 @@ class ViewBatch:
 
     @property
     def targets(self) -> torch.Tensor:
+        """``[N, W]``: each view's target ids (its rollout's final canvas)."""
         return self.canvas.ids[self.rollout_index]
 
     @property
     def position_ids(self) -> torch.Tensor:
+        """``[N, W]``: each view's position ids (its rollout's canvas positions)."""
         return self.canvas.positions[self.rollout_index]
 
     def select(self, rows: torch.Tensor | slice) -> ViewBatch:
@@ -84,6 +86,7 @@ class ViewBatch:
         )
 
     def to(self, device: torch.device | str) -> ViewBatch:
+        """The same views on ``device``."""
         return replace(
             self,
             canvas=self.canvas.to(device),
@@ -123,8 +126,35 @@ class ViewBatch:
         return masked_view(rows, self.input_ids, model.layout, model.dtype)
 
 
-class Objective(ABC):
-    """A view builder plus its weighting; everything else is shared.
+class Capabilities:
+    """What an objective declares about itself, so the trainer and the generic tests read
+    capabilities, never names (shared by :class:`Objective` and the per-step objectives).
+
+    * ``name``: the key the objective is registered and configured under.
+    * ``loss_type`` and ``importance_sampling_level``: the method's own normalisation and ratio
+      level (see :mod:`unmask.objectives.loss`), used when the config leaves them null.
+    * ``num_iterations`` and ``scale_rewards``: the method's recommended optimizer passes per
+      rollout batch and advantage scaling (:mod:`unmask.objectives.advantages`), likewise used
+      when the config leaves them null.
+    * ``scores_trace_states``: each token is scored in the state the sampler unmasked it from
+      (TraceRL, AGRPO), so per-token quantities of those states (a value model's) line up.
+    * ``supports_two_stream``: the objective has a ``two_stream`` option (block-causal models
+      score each block with the clean blocks before it); the trainer defaults it to the
+      model's layout.
+    """
+
+    name: ClassVar[str]
+    loss_type: ClassVar[str] = "dapo"
+    importance_sampling_level: ClassVar[ImportanceSamplingLevel] = "token"
+    num_iterations: ClassVar[int] = 1
+    scale_rewards: ClassVar[str] = "group"
+    scores_trace_states: ClassVar[bool] = False
+    supports_two_stream: ClassVar[bool] = False
+
+
+class Objective(Capabilities, ABC):
+    """A view builder plus its weighting; everything else is shared. Besides the
+    :class:`Capabilities` every objective declares:
 
     * ``old_logprobs``: ``"recompute"``: the trainer scores the views with the pre-update
       model before the first optimizer step of a rollout batch (and must use, for each inner
@@ -133,20 +163,17 @@ class Objective(ABC):
     * ``scores_sampling_distribution``: score tokens under the distribution they were drawn
       from (pass the sampler's ``temperature``, ``top_k``, ``top_p`` to
       :func:`token_logprobs`); otherwise temperature 1, the denoiser itself.
-    * ``loss_type`` and ``importance_sampling_level``: the method's own normalisation and ratio
-      level (see :mod:`unmask.objectives.loss`), used when the config does not choose.
     * ``masks_prompt``: views may hide prompt tokens (d1's prompt masking), so generic checks
       that the prompt stays visible do not apply.
     * ``ratio_free``: no importance ratio (SPG, wd1): the trainer skips old log-probs and asks
       :meth:`reweight` for the advantages and weights that give the shared loss, at ratio 1,
       the method's gradient.
+
+    Options are the fields of a dataclass subclass, each with a default.
     """
 
-    name: ClassVar[str]
     old_logprobs: ClassVar[OldLogprobs] = "recompute"
     scores_sampling_distribution: ClassVar[bool] = False
-    loss_type: ClassVar[str] = "dapo"
-    importance_sampling_level: ClassVar[ImportanceSamplingLevel] = "token"
     masks_prompt: ClassVar[bool] = False
     ratio_free: ClassVar[bool] = False
 
@@ -179,17 +206,38 @@ class Objective(ABC):
 T = TypeVar("T")
 
 
+def option_names(cls: type) -> list[str]:
+    """An objective's options: the fields of its dataclass (read without building it)."""
+    return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+
 def build(registry: Mapping[str, type[T]], name: str, options: Mapping[str, Any], what: str) -> T:
     """``registry[name](**options)``, with errors that name the unknown objective or option
     (shared by the masked and the per-step objectives)."""
     if name not in registry:
         raise ValueError(f"{what} {name!r} is unknown; choose one of {sorted(registry)}")
     cls = registry[name]
-    known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    known = option_names(cls)
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"unknown options {unknown} for objective {name!r}; known: {known}")
     return cls(**options)
+
+
+def check_options_in(
+    registries: Sequence[Mapping[str, type]], name: str, options: Mapping[str, Any]
+) -> None:
+    """Refuse an objective ``name`` no registry has, or an option that none of the classes
+    registered under ``name`` accepts (``ValueError``, naming the known ones). Nothing is
+    built, so a config can be checked before any model loads."""
+    classes = [registry[name] for registry in registries if name in registry]
+    if not classes:
+        names = sorted({n for registry in registries for n in registry})
+        raise ValueError(f"unknown objective {name!r}; choose one of {names}")
+    known = sorted({option for cls in classes for option in option_names(cls)})
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"objective {name!r} has no option(s) {unknown}; its options: {known}")
 
 
 def uniform(shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:

@@ -26,12 +26,16 @@ from unmask.sampling.rollout import Rollout
 
 @dataclass
 class Coupled(Objective):
+    """Coupled-GRPO (module doc): pairs of complementary random masks, so every completion
+    token is scored once per pair with the rest of the completion visible."""
+
     t_min: float = 0.2
     t_max: float = 0.8
     mc_samples: int = 1
     two_stream: bool = False
 
     name = "coupled"
+    supports_two_stream = True
 
     def __post_init__(self) -> None:
         check_ratio_range("coupled", self.t_min, self.t_max)
@@ -39,6 +43,7 @@ class Coupled(Objective):
             raise ValueError(f"coupled.mc_samples must be >= 1, got {self.mc_samples}")
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """``mc_samples`` mask pairs per rollout, as adjacent views, weight ``1 / mc_samples``."""
         rp = replay(rollout)
         draws = rp.rows(self.mc_samples)
         scorable = rp.scorable[draws]

@@ -21,6 +21,9 @@ from unmask.sampling.rollout import Rollout
 
 @dataclass
 class DiffuGRPO(Objective):
+    """diffu-GRPO (module doc): d1's one-step estimate, the completion fully masked and each
+    prompt token masked with probability ``p_mask_prompt``."""
+
     p_mask_prompt: float = 0.15
 
     name = "diffu_grpo"
@@ -33,6 +36,7 @@ class DiffuGRPO(Objective):
             )
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """One view per rollout scoring its whole completion (the prompt mask is random)."""
         rp = replay(rollout)
         rows = rp.rows()
         canvas = rp.canvas

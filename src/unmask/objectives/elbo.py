@@ -28,6 +28,9 @@ from unmask.sampling.rollout import Rollout
 
 @dataclass
 class ELBO(Objective):
+    """Sequence-level ELBO RL (module doc): independent masks at ``t ~ U(eps, 1)``, hidden
+    tokens weighted ``1 / (t K)``, scored with a sequence-level ratio."""
+
     mc_samples: int = 2
     eps: float = 1e-3
     two_stream: bool = False
@@ -35,6 +38,8 @@ class ELBO(Objective):
     name = "elbo"
     loss_type = "grpo"
     importance_sampling_level = "sequence"
+    num_iterations = 2  # a sequence-level ratio needs more than one pass to clip
+    supports_two_stream = True
 
     def __post_init__(self) -> None:
         if self.mc_samples < 1:
@@ -43,6 +48,7 @@ class ELBO(Objective):
             raise ValueError(f"elbo.eps must be in (0, 1), got {self.eps}")
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """``mc_samples`` masked copies per rollout: together a Monte-Carlo ELBO."""
         rp = replay(rollout)
         rows = rp.rows(self.mc_samples)
         scorable = rp.scorable[rows]

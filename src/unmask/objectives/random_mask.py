@@ -25,6 +25,7 @@ from unmask.sampling.rollout import Rollout
 
 
 def check_ratio_range(name: str, t_min: float, t_max: float) -> None:
+    """Refuse a mask-ratio range outside ``0 < t_min <= t_max <= 1`` (named for ``name``)."""
     if not 0.0 < t_min <= t_max <= 1.0:
         raise ValueError(f"{name} needs 0 < t_min <= t_max <= 1, got {t_min}, {t_max}")
 
@@ -42,6 +43,9 @@ def random_subset(
 
 @dataclass
 class RandomMask(Objective):
+    """Random-masking RL (module doc): one uniform random mask per view, the hidden tokens
+    scored as their mean scaled to the completion length."""
+
     t_min: float = 0.1
     t_max: float = 0.9
     mc_samples: int = 1
@@ -49,6 +53,7 @@ class RandomMask(Objective):
 
     name = "random_mask"
     loss_type = "grpo"
+    supports_two_stream = True
 
     def __post_init__(self) -> None:
         check_ratio_range("random_mask", self.t_min, self.t_max)
@@ -56,6 +61,7 @@ class RandomMask(Objective):
             raise ValueError(f"random_mask.mc_samples must be >= 1, got {self.mc_samples}")
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """``mc_samples`` randomly masked copies per rollout, weights ``n / (m K)``."""
         rp = replay(rollout)
         rows = rp.rows(self.mc_samples)
         scorable = rp.scorable[rows]

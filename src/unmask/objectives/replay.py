@@ -41,10 +41,12 @@ class Replay:
 
     @property
     def decoded(self) -> torch.Tensor:
+        """``[B, W]``: columns the sampler decoded (at any step)."""
         return self.steps >= 0
 
     @property
     def num_rollouts(self) -> int:
+        """``B``, the rollouts replayed."""
         return self.steps.shape[0]
 
     def views(

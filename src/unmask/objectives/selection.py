@@ -54,6 +54,7 @@ class StepChoices:
         )  # fmt: skip
 
     def to(self, device: torch.device | str) -> StepChoices:
+        """The same steps on ``device``."""
         return replace(
             self, view=self.view.to(device), columns=self.columns.to(device),
             candidates=self.candidates.to(device), chosen=self.chosen.to(device),

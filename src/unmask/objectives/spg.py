@@ -64,6 +64,9 @@ class EUBO:
 
 @dataclass
 class SPG(Objective):
+    """SPG (module doc): block-wise random masks scored as an ELBO for positive advantages
+    and as an upper bound (EUBO, or its mix with the ELBO) for negative ones, ratio-free."""
+
     mc_samples: int = 2
     negative: Literal["elbo", "eubo", "mix"] = "mix"
     eubo_beta: float = 1.5
@@ -73,6 +76,9 @@ class SPG(Objective):
     name = "spg"
     loss_type = "dapo"
     ratio_free: ClassVar[bool] = True
+    num_iterations = 4  # the paper's passes per batch
+    scale_rewards = "none"  # the paper's A = R - mean
+    supports_two_stream = True
 
     def __post_init__(self) -> None:
         if self.mc_samples < 1:
@@ -85,6 +91,7 @@ class SPG(Objective):
             raise ValueError(f"spg.mix_weight must be in [0, 1], got {self.mix_weight}")
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """``mc_samples`` views per rollout: one block partly hidden, later blocks masked."""
         rp = replay(rollout)
         rows = rp.rows(self.mc_samples)
         scorable, blocks = rp.scorable[rows], rp.canvas.blocks[rows]

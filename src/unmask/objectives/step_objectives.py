@@ -21,18 +21,17 @@ from typing import Any, ClassVar
 import torch
 
 from unmask.objectives.agrpo import StepDraw, draw_steps
-from unmask.objectives.base import build
+from unmask.objectives.base import Capabilities, build
 from unmask.objectives.step_replay import StepViews
 from unmask.sampling.step_trace import StepRollout, StepTrace
 
 
-class StepObjective(ABC):
-    """Views of a per-step trace; ``loss_type`` and ``importance_sampling_level`` as for
-    :class:`~unmask.objectives.base.Objective`. Old log-probs are always the sampler's."""
+class StepObjective(Capabilities, ABC):
+    """Views of a per-step trace, declaring the same
+    :class:`~unmask.objectives.base.Capabilities` as the masked objectives. Old log-probs are
+    always the sampler's; there is no two-stream form (the trace replays each step's canvas)."""
 
-    name: ClassVar[str]
     loss_type: ClassVar[str] = "dr_grpo"
-    importance_sampling_level: ClassVar[str] = "token"
 
     @abstractmethod
     def views(self, rollout: StepRollout, generator: torch.Generator | None = None) -> StepViews:
@@ -41,20 +40,30 @@ class StepObjective(ABC):
 
 @dataclass
 class StepTraceRL(StepObjective):
+    """TraceRL on a per-step trace: every step that accepted tokens, weight 1 (the trace's
+    exact log-likelihood)."""
+
     name = "tracerl"
     loss_type = "dr_grpo"
+    scores_trace_states = True
 
     def views(self, rollout: StepRollout, generator: torch.Generator | None = None) -> StepViews:
+        """Every step of every rollout that accepted a token, weight 1."""
         step, row = _trace(rollout).scored.any(dim=-1).nonzero(as_tuple=True)
         return StepViews(step, row, torch.ones(len(step), dtype=torch.float64))
 
 
 @dataclass
 class StepAGRPO(StepDraw, StepObjective):
+    """AGRPO on a per-step trace: ``mc_samples`` steps per rollout from the proposal, weight
+    ``1 / (K q)`` (unbiased for :class:`StepTraceRL`'s sum)."""
+
     name = "agrpo"
     loss_type = "steps"
+    scores_trace_states = True
 
     def views(self, rollout: StepRollout, generator: torch.Generator | None = None) -> StepViews:
+        """``mc_samples`` drawn steps per rollout, weight ``1 / (K q)``."""
         trace = _trace(rollout)
         has_tokens = trace.scored.any(dim=-1).T.double()  # [B, S]
         proposal = has_tokens
@@ -76,6 +85,7 @@ def get_step_objective(name: str, **options: Any) -> StepObjective:
 
 
 def _trace(rollout: StepRollout) -> StepTrace:
+    """The rollout's per-step trace, or a clear error when it was not recorded."""
     if getattr(rollout, "trace", None) is None:
         raise ValueError("per-step objectives need a StepRollout with its trace (StepSampler)")
     return rollout.trace

@@ -34,6 +34,7 @@ class StepViews:
         return len(self.step)
 
     def select(self, index: torch.Tensor) -> StepViews:
+        """The replayed steps ``index`` (a micro-batch)."""
         return replace(self, step=self.step[index], row=self.row[index], weight=self.weight[index])
 
     def scored(self, trace: StepTrace) -> torch.Tensor:

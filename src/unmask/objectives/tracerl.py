@@ -31,12 +31,17 @@ from unmask.sampling.rollout import Rollout
 
 @dataclass
 class TraceRL(ExactSelection, Objective):
+    """TraceRL (module doc): every (shrunk) trace step scored from the state the sampler
+    unmasked it from, the trace's exact log-likelihood."""
+
     shrink: int = 1
     two_stream: bool = False
 
     name = "tracerl"
     scores_sampling_distribution = True
     loss_type = "dr_grpo"
+    scores_trace_states = True
+    supports_two_stream = True
 
     def __post_init__(self) -> None:
         if self.shrink < 1:
@@ -44,6 +49,7 @@ class TraceRL(ExactSelection, Objective):
         super().__post_init__()
 
     def views(self, rollout: Rollout, generator: torch.Generator | None = None) -> ViewBatch:
+        """One view per (shrunk) step and block, or per step of every block (two-stream)."""
         rp = replay(rollout)
         group = trace_groups(rp, self.shrink)
         decoded, steps, completion = rp.decoded, rp.steps, rp.canvas.completion

@@ -49,9 +49,11 @@ class SequenceBatch:
 
     @property
     def num_completion_tokens(self) -> int:
+        """Completion tokens in the batch (those noised and scored)."""
         return int(self.completion.sum())
 
     def to(self, device: torch.device | str) -> SequenceBatch:
+        """The same rows on ``device``."""
         return SequenceBatch(
             self.ids.to(device),
             self.positions.to(device),

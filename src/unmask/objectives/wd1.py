@@ -30,11 +30,16 @@ from unmask.objectives.diffu_grpo import DiffuGRPO
 
 @dataclass
 class WD1(DiffuGRPO):
+    """wd1 (module doc): d1's views, scored as a likelihood weighted by group-softmax
+    coefficients ``w+ - w-`` instead of a clipped ratio."""
+
     psi: float = 1.0
 
     name = "wd1"
     loss_type = "dr_grpo"
     ratio_free: ClassVar[bool] = True
+    num_iterations = 8  # the paper's passes per batch (Sudoku)
+    scale_rewards = "none"  # the paper's A = R - mean
 
     def __post_init__(self) -> None:
         super().__post_init__()
