@@ -181,6 +181,7 @@ def _unmask(tmp_path, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
     (tmp_path / "a_file").write_text("")
     done = _unmask(tmp_path, "sft", SFT, "output_dir=a_file/run")

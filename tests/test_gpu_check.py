@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from repo_root import REPO
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_at_toy_size():
     script = REPO / "benchmarks" / "gpu" / "rollouts.py"
     args = ["--toy", "--blocks", "4", "--batches", "1", "--gen-length", "8", "--train-batch", "1"]

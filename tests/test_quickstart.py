@@ -28,6 +28,7 @@ def _config(tmp_path, name="run", **kw):
     )
 
 
+@pytest.mark.slow
 def test_shortened_quickstart_writes_the_run_folder_and_resumes(tmp_path, capsys):
     results = run_quickstart(_config(tmp_path))
     out = tmp_path / "run"
@@ -65,6 +66,7 @@ def test_shortened_quickstart_writes_the_run_folder_and_resumes(tmp_path, capsys
         run_quickstart(_config(tmp_path, objective="agrpo"))
 
 
+@pytest.mark.slow
 def test_a_second_run_reuses_the_cached_sft_model_and_keeps_the_budget(tmp_path):
     run_quickstart(_config(tmp_path, "first", rl={**TINY["rl"], "max_steps": 1}))
     # A budget already spent: RL still takes one step, then stops early and saves its model.
@@ -77,6 +79,7 @@ def test_a_second_run_reuses_the_cached_sft_model_and_keeps_the_budget(tmp_path)
     assert results["rl_steps"] == 1
 
 
+@pytest.mark.slow
 def test_a_time_cap_that_cuts_rl_is_reported(tmp_path, capsys):
     results = run_quickstart(_config(tmp_path, minutes=0.001, rl={**TINY["rl"], "max_steps": 5}))
     said = "RL stopped at 1/5 steps: time cap"

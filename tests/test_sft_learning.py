@@ -3,6 +3,8 @@ accuracy (greedy sampling with unmask's Sampler), starting from an untrained nan
 
 from __future__ import annotations
 
+import pytest
+
 from unmask.metrics import read_metrics
 from unmask.models import DiffusionLM, from_preset
 from unmask.sampling import Sampler, SamplerConfig
@@ -21,6 +23,7 @@ def _cell_accuracy(model: DiffusionLM, rows) -> float:
     return sum(cells) / len(cells)
 
 
+@pytest.mark.slow
 def test_sft_learns_sudoku(tmp_path):
     task = get_task("sudoku", blanks=6, num_train=2000, num_test=HELD_OUT)
     held_out = task.dataset("test")
