@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from unmask.models.diffusion_gemma import DiffusionGemma
-from unmask.models.diffusion_gemma_presets import gemma_preset, tiny_diffusion_gemma
+from unmask.models.diffusion_gemma import DiffusionGemma, gemma_preset
+from unmask.models.diffusion_gemma_presets import tiny_diffusion_gemma
 
 
 def sharpened(model: DiffusionGemma, scale: float) -> DiffusionGemma:

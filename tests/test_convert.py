@@ -21,7 +21,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCau
 
 from unmask.cli import main
 from unmask.models import DiffusionLM
-from unmask.models.convert import convert_checkpoint
+from unmask.models.export import convert_checkpoint
 from unmask.sampling.sampler import Sampler, SamplerConfig
 
 CHAT = (

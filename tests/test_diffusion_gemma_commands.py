@@ -7,8 +7,7 @@ import json
 
 from unmask.cli import main
 from unmask.eval.evaluate import EvalConfig, run_eval
-from unmask.models.diffusion_gemma import DiffusionGemma
-from unmask.models.diffusion_gemma_presets import gemma_preset
+from unmask.models.diffusion_gemma import DiffusionGemma, gemma_preset
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.loading import load_model
 from unmask.sampling.step_sampler import StepSamplerConfig

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gemma_models import char_gemma, sharpened
-from unmask.models.diffusion_gemma_presets import gemma_preset
+from unmask.models.diffusion_gemma import gemma_preset
 from unmask.objectives.advantages import group_advantages
 from unmask.objectives.loss import ClipConfig
 from unmask.objectives.step_loss import backward_step_loss

@@ -10,15 +10,15 @@ import torch
 
 from gemma_models import sharpened
 from tiny_rl import assert_same_weights, read_metrics, untimed
-from unmask.models.diffusion_gemma import DiffusionGemma
-from unmask.models.diffusion_gemma_presets import gemma_preset
+from unmask.models.diffusion_gemma import DiffusionGemma, gemma_preset
 from unmask.models.loading import load_model
 from unmask.models.lora import PROJECTIONS, LoRAConfig, add_lora, has_lora, merge_lora
 from unmask.objectives.step_objectives import get_step_objective
 from unmask.objectives.step_replay import step_logprobs
 from unmask.sampling.step_sampler import StepSampler, StepSamplerConfig
 from unmask.tasks.registry import get_task
-from unmask.train.rl import RLConfig, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig
 
 SAMPLER = StepSamplerConfig(max_new_tokens=8, max_denoising_steps=4, entropy_bound=0.5)
 

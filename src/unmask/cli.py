@@ -145,7 +145,8 @@ def _sft(args: argparse.Namespace) -> int:
 
 
 def _rl(args: argparse.Namespace) -> int:
-    from unmask.train.rl import RLConfig, train_rl
+    from unmask.train.rl import train_rl
+    from unmask.train.rl_config import RLConfig
 
     config = load_config(RLConfig, args.config, _train_overrides(args))
     check_output_dir(config.output_dir)
@@ -169,7 +170,7 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from unmask.models.convert import convert_checkpoint
+    from unmask.models.export import convert_checkpoint
 
     overrides = {
         key: value

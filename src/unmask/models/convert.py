@@ -1,4 +1,4 @@
-"""Published dLLM checkpoints into native transformers classes (``unmask convert``).
+"""Published dLLM checkpoints read into native transformers classes.
 
 A checkpoint of a published family (:mod:`unmask.models.families`: LLaDA, MMaDA, Dream,
 DiffuCoder, SDAR, TraDo) is read tensor by tensor from its safetensors files, each tensor renamed
@@ -8,15 +8,15 @@ dtype unless one is asked for. Nothing of the family's own code runs (no ``trust
 its tokenizer is read by the native tokenizer class, which keeps the vocabulary, special tokens
 and chat template.
 
-``DiffusionLM.from_pretrained`` loads such a checkpoint straight away; ``unmask convert SRC DST``
-writes it once in the native layout with the diffusion settings in ``config.json``, so later
-loads are plain ``from_pretrained`` calls.
+``DiffusionLM.from_pretrained`` loads such a checkpoint straight away from the parts
+:func:`load_family` returns; ``unmask convert SRC DST`` (:mod:`unmask.models.export`) writes it
+once in the native layout with the diffusion settings in ``config.json``, so later loads are
+plain ``from_pretrained`` calls.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,13 @@ from accelerate import init_empty_weights
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from unmask.models.families import FAMILIES, Family, family_of
+from unmask.models.families import Family, family_of
 
 CONFIG = "config.json"
 INDEX = "model.safetensors.index.json"
 # What a hub download of a family checkpoint fetches: config, weights, tokenizer, model card.
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.md",
                      "LICENSE*"]  # fmt: skip
-KEEP_FILES = ("README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE")
 _SHOWN = 8  # names listed per kind of mismatch
 
 
@@ -46,7 +45,7 @@ def find_family_checkpoint(name: str | Path) -> tuple[Family, dict[str, Any], Pa
     """
     path = Path(name)
     if path.is_dir():
-        config = _read_config(path / CONFIG) if (path / CONFIG).is_file() else {}
+        config = read_config(path / CONFIG) if (path / CONFIG).is_file() else {}
         family = family_of(config)
         return None if family is None else (family, config, path)
     if path.exists():
@@ -54,7 +53,7 @@ def find_family_checkpoint(name: str | Path) -> tuple[Family, dict[str, Any], Pa
     try:
         from huggingface_hub import hf_hub_download, snapshot_download
 
-        config = _read_config(Path(hf_hub_download(str(name), CONFIG)))
+        config = read_config(Path(hf_hub_download(str(name), CONFIG)))
         family = family_of(config)
         if family is None:
             return None
@@ -100,55 +99,8 @@ def load_family(
     return model, tokenizer, settings
 
 
-def convert_checkpoint(
-    source: str | Path, destination: str | Path, dtype: str | None = None, **overrides: Any
-) -> Path:
-    """Write the family checkpoint ``source`` (folder or hub name) natively to ``destination``;
-    a LoRA folder (``unmask.models.lora``) is merged into a native model instead.
-
-    ``dtype`` (``float32``, ``bfloat16``, ``float16``) casts the weights; by default every tensor
-    keeps its stored dtype. ``overrides`` replace diffusion settings. Returns ``destination``.
-    """
-    from unmask.models.diffusion_lm import DTYPES, DiffusionLM, DiffusionSettings
-    from unmask.models.saving import save_model
-
-    dst = Path(destination)
-    if dst.exists() and any(dst.iterdir()):
-        raise ValueError(f"{dst} exists and is not empty: choose a new destination folder")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} (or unset), got {dtype!r}")
-    if (Path(source) / CONFIG).is_file() and "lora" in _read_config(Path(source) / CONFIG):
-        return _merge_lora_folder(Path(source), dst, dtype)
-    found = find_family_checkpoint(source)
-    if found is None:
-        raise ValueError(_not_a_family(source))
-    family, config, folder = found
-    torch_dtype = DTYPES[dtype] if dtype is not None else None
-    model, tokenizer, settings = load_family(family, config, folder, torch_dtype, **overrides)
-    save_model(DiffusionLM(model, DiffusionSettings.from_dict(settings), tokenizer), dst)
-    for name in KEEP_FILES:  # the model card and licence travel with the weights
-        if (folder / name).is_file():
-            shutil.copyfile(folder / name, dst / name)
-    return dst
-
-
-def _merge_lora_folder(source: Path, dst: Path, dtype: str | None) -> Path:
-    """A LoRA folder (``unmask.models.lora``) merged into a native model: the adapters are
-    folded in fp32, the result saved in ``dtype`` or the base's stored dtype."""
-    from unmask.models.diffusion_lm import DiffusionLM
-    from unmask.models.lora import merge_lora
-    from unmask.models.saving import save_model
-
-    config = _read_config(source / CONFIG)
-    stored = dtype or config.get("dtype") or config.get("torch_dtype") or "float32"
-    model = merge_lora(DiffusionLM.from_pretrained(source, dtype="float32", device="cpu"))
-    return save_model(model.to(getattr(torch, stored)), dst)
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-
-
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """A JSON object file (``config.json``, a safetensors index) or a ValueError naming it."""
     try:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -158,9 +110,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     return config
 
 
+# -- helpers ---------------------------------------------------------------------------------------
+
+
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / INDEX).is_file():
-        index = _read_config(folder / INDEX)
+        index = read_config(folder / INDEX)
         names = sorted(set(index.get("weight_map", {}).values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
@@ -255,12 +210,3 @@ def _mask_token_id(
             f"{family.mask_token!r}; pass mask_token_id="
         )
     return int(value)
-
-
-def _not_a_family(source: str | Path) -> str:
-    types = sorted({t for f in FAMILIES.values() for t in f.model_types})
-    return (
-        f"{source} is not a checkpoint of a published dLLM family (a folder or hub name whose "
-        f"config.json has model_type in {types}); native Llama/Qwen2/Qwen3 checkpoints and "
-        "unmask's own folders load as they are"
-    )

@@ -25,7 +25,10 @@ from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBas
 from transformers.cache_utils import DynamicCache
 
 from unmask.integrity import verify_model_folder
-from unmask.models.diffusion_lm import _dtype, _load_tokenizer, resolve_device, save_folder
+from unmask.models.diffusion_gemma_presets import GEMMA_PRESETS, build_gemma_preset
+from unmask.models.placement import resolve_device, resolve_dtype
+from unmask.models.saving import save_folder
+from unmask.models.tokenizer import load_tokenizer
 
 
 class DiffusionGemma(nn.Module):
@@ -57,33 +60,41 @@ class DiffusionGemma(nn.Module):
 
     @property
     def config(self) -> Any:
+        """The transformers config (text and vision parts, ``canvas_length``)."""
         return self.model.config
 
     @property
     def canvas_length(self) -> int:
+        """Tokens the decoder refines at once: the sampler's block size."""
         return int(self.model.config.canvas_length)
 
     @property
     def vocab_size(self) -> int:
+        """Size of the text vocabulary, from which uniform noise is drawn."""
         return int(self.model.config.text_config.vocab_size)
 
     @property
     def hidden_size(self) -> int:
+        """Width of the text layers: the last dimension of a self-conditioning embedding."""
         return int(self.model.config.text_config.hidden_size)
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are (the sampler puts its tensors there)."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
         return next(self.parameters()).dtype
 
     def num_parameters(self) -> int:
+        """Every parameter counted (adapters included), for logs and reports."""
         return sum(p.numel() for p in self.parameters())
 
     # -- the two forwards ------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
+        """An empty encoder KV cache for :meth:`encode` to fill and :meth:`decode` to read."""
         return DynamicCache(config=self.model.config.get_text_config(decoder=True))
 
     def encode(
@@ -155,18 +166,27 @@ class DiffusionGemma(nn.Module):
     ) -> DiffusionGemma:
         """A preset name (:mod:`unmask.models.diffusion_gemma_presets`), a local folder or a
         hub name with a native DiffusionGemma checkpoint."""
-        from unmask.models.diffusion_gemma_presets import GEMMA_PRESETS, gemma_preset
-
         name = str(name_or_path)
         device = resolve_device(device)
-        torch_dtype = _dtype(dtype, device)
+        torch_dtype = resolve_dtype(dtype, device)
         if name in GEMMA_PRESETS and not Path(name).exists():
             return gemma_preset(name).to(device=device, dtype=torch_dtype)
         verify_model_folder(Path(name))  # a folder with checkpoint.json: sizes and SHA-256
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
             name, dtype=torch_dtype, trust_remote_code=False
         )
-        return cls(model.eval(), _load_tokenizer(name)).to(device)
+        return cls(model.eval(), load_tokenizer(name)).to(device)
+
+
+def gemma_preset(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    canvas_length: int = 16,
+    seed: int = 0,
+) -> DiffusionGemma:
+    """``diffusion-gemma-{nano,tiny}`` with the character tokenizer (seeded weights; see
+    :mod:`unmask.models.diffusion_gemma_presets`)."""
+    return DiffusionGemma(*build_gemma_preset(name, tokenizer, canvas_length, seed))
 
 
 def select_rows(cache: DynamicCache, index: torch.Tensor) -> DynamicCache:

@@ -5,7 +5,9 @@ layer, each with the dense MLP plus the mixture of experts every DiffusionGemma 
 self-conditioning block, tied embeddings, a (minimal) Gemma 4 vision tower the class requires.
 ``diffusion-gemma-tiny`` uses the character tokenizer of :mod:`unmask.models.tokenizer`;
 :func:`tiny_diffusion_gemma` builds any vocabulary and canvas size (vocabulary 3 and canvas 2
-for the enumeration tests).
+for the enumeration tests). This module builds native networks and tokenizers only;
+:func:`unmask.models.diffusion_gemma.gemma_preset` wraps them, so the wrapper's loader can
+build a preset without this module importing the wrapper.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from unmask.models.diffusion_gemma import DiffusionGemma
 from unmask.models.tokenizer import build_char_tokenizer
 
 
 @dataclass(frozen=True)
 class GemmaSize:
+    """The shape of one preset size: width, depth, attention heads, MLP and expert widths."""
+
     hidden: int
     layers: int
     heads: int
@@ -97,13 +100,14 @@ def tiny_diffusion_gemma(
     return model.eval()
 
 
-def gemma_preset(
+def build_gemma_preset(
     name: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
     canvas_length: int = 16,
     seed: int = 0,
-) -> DiffusionGemma:
-    """``diffusion-gemma-{nano,tiny}`` with the character tokenizer (seeded weights)."""
+) -> tuple[DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase]:
+    """The seeded native model of ``diffusion-gemma-{nano,tiny}`` and its tokenizer (the
+    character tokenizer unless one is given)."""
     size = name.removeprefix("diffusion-gemma-")
     if name not in GEMMA_PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(GEMMA_PRESETS)}")
@@ -112,4 +116,4 @@ def gemma_preset(
     model = tiny_diffusion_gemma(
         len(tokenizer), canvas_length, size, seed, ids, image_id=tokenizer.mask_token_id
     )
-    return DiffusionGemma(model, tokenizer)
+    return model, tokenizer

@@ -6,6 +6,12 @@ attention mask it is run with (see :mod:`unmask.models.attention`) and three set
 are saved in its ``config.json`` under ``diffusion``: the mask token, the attention layout
 with its block size, and whether logits are shifted by one (Dream/DiffuCoder predict
 position i from the hidden state at i-1).
+
+:meth:`DiffusionLM.from_pretrained` dispatches on what it is given to modules below this one,
+none of which imports the wrapper (imports point one way): presets
+(:mod:`unmask.models.presets`) and published family checkpoints (:mod:`unmask.models.convert`)
+come back as parts (network, tokenizer, settings), and the LoRA loader
+(:mod:`unmask.models.lora`) is handed the wrapper's constructor.
 """
 
 from __future__ import annotations
@@ -20,13 +26,7 @@ from typing import Any, ClassVar
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from unmask.errors import UserError
@@ -39,12 +39,16 @@ from unmask.models.attention import (
     Layout,
     backend_mask,
 )
-from unmask.models.tokenizer import resolve_mask_token_id
+from unmask.models.convert import find_family_checkpoint, load_family
+from unmask.models.lora import load_lora
+from unmask.models.placement import resolve_device, resolve_dtype
+from unmask.models.presets import PRESETS, build_preset
+from unmask.models.saving import save_folder
+from unmask.models.tokenizer import load_tokenizer, resolve_mask_token_id
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # Which logits a forward computes: columns of every row, or (rows, cols) cells.
 Columns = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class WeightsError(UserError):
@@ -79,6 +83,8 @@ class DiffusionSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DiffusionSettings:
+        """Settings from ``config.diffusion`` (or overrides); an unknown key is an error rather
+        than silently ignored, so a typo in a setting does not go unnoticed."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -124,33 +130,41 @@ class DiffusionLM(nn.Module):
     # -- properties the sampler and trainers read ------------------------------------------
     @property
     def config(self) -> Any:
+        """The transformers config (its ``diffusion`` entry mirrors :attr:`settings`)."""
         return self.model.config
 
     @property
     def mask_token_id(self) -> int:
+        """The token a masked position holds."""
         return self.settings.mask_token_id
 
     @property
     def layout(self) -> Layout:
+        """``full`` or ``block`` attention (:mod:`unmask.models.attention`)."""
         return self.settings.layout
 
     @property
     def block_size(self) -> int:
+        """The attention block of a ``block`` model; the default decoding block of any."""
         return self.settings.block_size
 
     @property
     def shift_logits(self) -> bool:
+        """Whether position i is predicted from the hidden state at i-1 (Dream, DiffuCoder)."""
         return self.settings.shift_logits
 
     @property
     def device(self) -> torch.device:
+        """Where the weights are (the sampler puts its tensors there)."""
         return next(self.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype (additive attention masks are built in it)."""
         return next(self.parameters()).dtype
 
     def num_parameters(self) -> int:
+        """Every parameter counted (adapters included), for logs and reports."""
         return sum(p.numel() for p in self.parameters())
 
     def set_block_size(self, block_size: int) -> None:
@@ -231,19 +245,15 @@ class DiffusionLM(nn.Module):
         A folder with a ``checkpoint.json`` manifest (trainer checkpoints, ``final/``,
         ``unmask convert`` output) is verified first: a changed file is a ``CheckpointError``.
         """
-        from unmask.models.presets import PRESETS, from_preset
-
         name = str(name_or_path)
         device = resolve_device(device)
-        torch_dtype = _dtype(dtype, device)
+        torch_dtype = resolve_dtype(dtype, device)
         if name in PRESETS and not Path(name).exists():
             return from_preset(name, **settings).to(device=device, dtype=torch_dtype)
         path = Path(name)
         if path.exists() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a model folder")
         verify_model_folder(path)  # a folder with checkpoint.json: sizes and SHA-256 checked
-        from unmask.models.convert import find_family_checkpoint, load_family
-
         family = find_family_checkpoint(name)  # LLaDA, Dream, SDAR...: converted on the fly
         if family is not None:
             if quantization_config is not None:
@@ -259,7 +269,7 @@ class DiffusionLM(nn.Module):
                 f"local folder, and loading it from the hub failed ({err})"
             ) from err
         saved = dict(getattr(config, "diffusion", None) or {})
-        tokenizer = _load_tokenizer(name)
+        tokenizer = load_tokenizer(name)
         saved.update(settings)
         if "mask_token_id" not in saved and tokenizer is not None:
             saved["mask_token_id"] = resolve_mask_token_id(tokenizer, None)
@@ -269,11 +279,11 @@ class DiffusionLM(nn.Module):
                 "pass mask_token_id= and layout=, or convert the checkpoint first"
             )
         if getattr(config, "lora", None):
-            from unmask.models.lora import load_lora
-
             diffusion = DiffusionSettings.from_dict(saved)
             with _naming_bad_weights(name):
-                lora = load_lora(path, config, diffusion, tokenizer, torch_dtype)
+                lora = load_lora(
+                    path, config, lambda base: cls(base, diffusion, tokenizer), torch_dtype
+                )
             return lora.to(device)
         quantized = {}
         if quantization_config is not None:  # bitsandbytes places the layers itself
@@ -287,18 +297,17 @@ class DiffusionLM(nn.Module):
         return lm if quantized else lm.to(device)
 
 
-def save_folder(wrapper: nn.Module, path: str | Path, **kwargs: Any) -> None:
-    """Save a wrapper's transformers model (``wrapper.model``) and tokenizer in the Hugging
-    Face layout, or in the LoRA layout of :mod:`unmask.models.lora` when adapters are attached
-    (so trainers resume them); shared by every model wrapper."""
-    if getattr(wrapper.model, "peft_config", None) is not None:
-        from unmask.models.lora import save_lora
-
-        save_lora(wrapper, Path(path))  # type: ignore[arg-type]
-    else:
-        wrapper.model.save_pretrained(str(path), **kwargs)
-    if wrapper.tokenizer is not None:
-        wrapper.tokenizer.save_pretrained(str(path))
+def from_preset(
+    name: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    seed: int = 0,
+    max_positions: int = 2048,
+    **settings: Any,
+) -> DiffusionLM:
+    """Build a randomly initialised model from a preset name (seeded, same weights each time;
+    see :mod:`unmask.models.presets`); ``settings`` override the layout's defaults."""
+    model, tokenizer, merged = build_preset(name, tokenizer, seed, max_positions, **settings)
+    return DiffusionLM(model, DiffusionSettings.from_dict(merged), tokenizer)
 
 
 @contextmanager
@@ -323,29 +332,3 @@ def _unreadable_weights(folder: Path) -> Path | None:
         except SafetensorError:
             return file
     return None
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` is CUDA when available, else CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def _load_tokenizer(name: str) -> PreTrainedTokenizerBase | None:
-    path = Path(name)
-    if path.is_dir() and not any(
-        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
-    ):
-        return None
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=False)

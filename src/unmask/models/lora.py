@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel
 
     from unmask.models.diffusion_lm import DiffusionLM
 
@@ -127,6 +127,7 @@ def add_lora(model: DiffusionLM, config: LoRAConfig) -> DiffusionLM:
 
 
 def has_lora(model: DiffusionLM) -> bool:
+    """Whether ``model`` carries adapters (then it saves, references and merges as LoRA)."""
     return getattr(model.model, "peft_config", None) is not None
 
 
@@ -167,6 +168,7 @@ class AdapterDisabled:
 
 @contextmanager
 def adapters_disabled(model: DiffusionLM) -> Iterator[None]:
+    """Run ``model`` as its base inside the block (the KL reference without a weight copy)."""
     with model.model.disable_adapter():
         yield
 
@@ -221,23 +223,24 @@ def save_lora(model: DiffusionLM, path: Path) -> None:
 def load_lora(
     path: Path,
     config: PretrainedConfig,
-    settings: Any,
-    tokenizer: PreTrainedTokenizerBase | None,
+    wrap: Callable[[PreTrainedModel], DiffusionLM],
     dtype: torch.dtype,
 ) -> DiffusionLM:
     """A LoRA folder written by :func:`save_lora`, adapters trainable, in ``dtype`` (adapters
-    stay fp32 when ``dtype`` is a half type, as ``peft`` keeps them)."""
+    stay fp32 when ``dtype`` is a half type, as ``peft`` keeps them).
+
+    ``wrap`` makes the model wrapper around the (still empty) base network: the wrapper's own
+    loader passes it, so this module, which the wrapper imports, does not import the wrapper.
+    """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    from unmask.models.diffusion_lm import DiffusionLM
 
     lora = LoRAConfig(**config.lora)
     del config.lora
     with init_empty_weights():
         base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    model = add_lora(DiffusionLM(base, settings, tokenizer), lora)
+    model = add_lora(wrap(base), lora)
     state = load_file(str(path / WEIGHTS))
     own = model.model.state_dict()
     unknown = sorted(set(state) - set(own))

@@ -3,7 +3,9 @@
 A preset name is ``SIZE-LAYOUT`` (``tiny-block``, ``base-full``, ...). Every preset is a native
 ``Qwen3ForCausalLM`` with the character tokenizer of :mod:`unmask.models.tokenizer`, tied
 embeddings and weights initialised with std 0.02 (N(0, 1) embeddings hit denormal slow paths
-on CPU).
+on CPU). This module builds the parts (network, tokenizer, diffusion settings);
+:func:`unmask.models.diffusion_lm.from_preset` wraps them, so the wrapper's loader can build a
+preset without this module importing the wrapper.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
 
-from unmask.models.diffusion_lm import DiffusionLM, DiffusionSettings
 from unmask.models.tokenizer import build_char_tokenizer
 
 
 @dataclass(frozen=True)
 class Size:
+    """The shape of one preset size (hidden width, depth, heads, MLP width)."""
+
     hidden: int
     layers: int
     heads: int
@@ -41,14 +44,15 @@ LAYOUT_DEFAULTS: dict[str, dict[str, Any]] = {
 PRESETS: tuple[str, ...] = tuple(f"{s}-{layout}" for s in SIZES for layout in LAYOUT_DEFAULTS)
 
 
-def from_preset(
+def build_preset(
     name: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int = 0,
     max_positions: int = 2048,
     **settings: Any,
-) -> DiffusionLM:
-    """Build a randomly initialised model from a preset name (seeded, same weights each time)."""
+) -> tuple[Qwen3ForCausalLM, PreTrainedTokenizerBase, dict[str, Any]]:
+    """The randomly initialised network (seeded, same weights each time), its tokenizer and
+    its diffusion settings (the layout's defaults, then ``settings``) of a preset name."""
     size_name, _, layout = name.partition("-")
     if size_name not in SIZES or layout not in LAYOUT_DEFAULTS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
@@ -74,4 +78,4 @@ def from_preset(
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
     merged = {**LAYOUT_DEFAULTS[layout], "mask_token_id": tokenizer.mask_token_id, **settings}
-    return DiffusionLM(model, DiffusionSettings.from_dict(merged), tokenizer)
+    return model, tokenizer, merged

@@ -1,17 +1,33 @@
-"""Writing a model folder whole: ``save_pretrained`` into a temporary sibling, a manifest of
-sizes and digests (:mod:`unmask.integrity`), then an atomic rename. Trainers write their
-``final/`` model and ``unmask convert`` its output through :func:`save_model`."""
+"""Writing model folders. :func:`save_folder` is every wrapper's ``save_pretrained``: the
+Hugging Face layout, or the LoRA layout when adapters are attached. :func:`save_model` writes a
+folder whole: ``save_pretrained`` into a temporary sibling, a manifest of sizes and digests
+(:mod:`unmask.integrity`), then an atomic rename; trainers write their ``final/`` model and
+``unmask convert`` its output through it."""
 
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 from transformers.utils import logging as hf_logging
 
 from unmask.integrity import publish_folder, write_manifest
+from unmask.models.lora import save_lora
+
+
+def save_folder(wrapper: nn.Module, path: str | Path, **kwargs: Any) -> None:
+    """Save a wrapper's transformers model (``wrapper.model``) and tokenizer in the Hugging
+    Face layout, or in the LoRA layout of :mod:`unmask.models.lora` when adapters are attached
+    (so trainers resume them); shared by every model wrapper."""
+    if getattr(wrapper.model, "peft_config", None) is not None:
+        save_lora(wrapper, Path(path))  # type: ignore[arg-type]
+    else:
+        wrapper.model.save_pretrained(str(path), **kwargs)
+    if wrapper.tokenizer is not None:
+        wrapper.tokenizer.save_pretrained(str(path))
 
 
 def save_model(model: nn.Module, path: str | Path) -> Path:

@@ -10,9 +10,10 @@ wrapped in ``PreTrainedTokenizerFast``, saved and loaded with ``save_pretrained`
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 PAD, BOS, EOS, MASK, UNK = "<|pad|>", "<|bos|>", "<|eos|>", "<|mask|>", "<|unk|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, MASK, UNK)
@@ -52,3 +53,15 @@ def resolve_mask_token_id(tokenizer: PreTrainedTokenizerBase, mask_token_id: int
             f"mask_token_id {mask_token_id} is outside the vocabulary ({len(tokenizer)})"
         )
     return int(mask_token_id)
+
+
+def load_tokenizer(name: str | Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with checkpoint ``name`` (a folder or hub name); None for a local
+    folder without tokenizer files, so a bare weights folder still loads (its caller then needs
+    an explicit ``mask_token_id``)."""
+    path = Path(name)
+    if path.is_dir() and not any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return None
+    return AutoTokenizer.from_pretrained(str(name), trust_remote_code=False)

@@ -26,7 +26,8 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 
 from unmask.integrity import verify_model_folder
-from unmask.models.diffusion_lm import DiffusionLM, DiffusionSettings, _dtype, resolve_device
+from unmask.models.diffusion_lm import DiffusionLM, DiffusionSettings
+from unmask.models.placement import resolve_device, resolve_dtype
 
 VALUE_HEAD = "value_head.safetensors"
 
@@ -84,7 +85,10 @@ class ValueModel(DiffusionLM):
         verify_model_folder(path)  # a saved run folder: sizes and SHA-256 checked
         device = resolve_device(device)
         backbone = AutoModel.from_pretrained(
-            path, dtype=_dtype(dtype, device), attn_implementation="sdpa", trust_remote_code=False
+            path,
+            dtype=resolve_dtype(dtype, device),
+            attn_implementation="sdpa",
+            trust_remote_code=False,
         )
         saved = dict(getattr(backbone.config, "diffusion", None) or {})
         if not saved:
