@@ -30,7 +30,8 @@ from unmask.eval.evaluate import evaluate
 from unmask.models import DiffusionLM
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
-from unmask.train.rl import RLConfig, RLData, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig, RLData
 from unmask.train.sft import SFTConfig, SFTData, SFTTrainer
 
 TASK = {"blanks": 6}

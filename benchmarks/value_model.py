@@ -28,7 +28,8 @@ from unmask.objectives import group_advantages, normalizers, policy_loss, token_
 from unmask.objectives.tracerl import TraceRL
 from unmask.objectives.value import ValueConfig
 from unmask.sampling import SamplerConfig
-from unmask.train.rl import RLConfig, RLEval, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig, RLEval
 
 
 def emit(record: dict[str, Any]) -> None:

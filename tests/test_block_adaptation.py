@@ -13,7 +13,8 @@ from unmask.config import load_config
 from unmask.models import DiffusionLM
 from unmask.objectives import OBJECTIVES
 from unmask.sampling import SamplerConfig
-from unmask.train.rl import RLConfig, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig
 
 ROOT = Path(__file__).parents[1]
 
@@ -39,7 +40,10 @@ def test_every_objective_trains_and_saves_the_new_block(tmp_path, objective):
 
 def test_sampler_block_length_adapts_a_block_model_and_must_agree(tmp_path):
     sampler = SamplerConfig(gen_length=8, block_length=8, temperature=1.0)
-    final = RLTrainer(_config(tmp_path, sampler=sampler)).train()
+    trainer = RLTrainer(_config(tmp_path, sampler=sampler))
+    # settled once at start: the model and the rollout sampler's config say the same block
+    assert trainer.core.block_size == trainer.sampler.config.block_length == 8
+    final = trainer.train()
     assert DiffusionLM.from_pretrained(final).block_size == 8  # what the rollouts were
     with pytest.raises(ValueError, match=r"sampler.block_length \(8\) and block_size \(4\) differ"):
         RLTrainer(_config(tmp_path, sampler=sampler, block_size=4))
@@ -49,10 +53,12 @@ def test_sampler_block_length_adapts_a_block_model_and_must_agree(tmp_path):
 
 def test_full_models_keep_their_decoding_block_unless_asked(tmp_path):
     sampler = SamplerConfig(gen_length=8, block_length=4, temperature=1.0)
-    final = RLTrainer(_config(tmp_path, model="nano-full", sampler=sampler)).train()
+    trainer = RLTrainer(_config(tmp_path, model="nano-full", sampler=sampler))
+    assert (trainer.core.block_size, trainer.sampler.config.block_length) == (32, 4)
+    final = trainer.train()
     assert DiffusionLM.from_pretrained(final).block_size == 32  # a decoding choice only
 
 
 def test_recipe_loads():
-    config = load_config(RLConfig, ROOT / "configs" / "rl_tracerl_block_adapt_sudoku_tiny.yaml")
+    config = load_config(RLConfig, ROOT / "configs" / "rl_block_adapt_sudoku_tiny.yaml")
     assert config.block_size == 8 and config.sampler.gen_length % 8 == 0

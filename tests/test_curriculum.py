@@ -12,7 +12,8 @@ from unmask.sampling import SamplerConfig
 from unmask.tasks.sudoku import SudokuTask
 from unmask.train.checkpoint import latest_checkpoint
 from unmask.train.curriculum import CurriculumStage, difficulty_rows, stage_at
-from unmask.train.rl import RLConfig, RLData, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig, RLData
 
 LENGTHS = [CurriculumStage(until_step=2, gen_length=4), CurriculumStage(gen_length=8)]
 
@@ -56,7 +57,11 @@ def test_difficulty_rows():
 
 
 def test_rl_follows_the_lengths_and_resumes_mid_schedule(tmp_path):
-    RLTrainer(_config(tmp_path, "straight")).train()
+    trainer = RLTrainer(_config(tmp_path, "straight"))
+    samplers = dict(trainer.curriculum.samplers)  # one per stage length, built at start
+    assert {n: s.config.gen_length for n, s in samplers.items()} == {4: 4, 8: 8}
+    trainer.train()
+    assert trainer.curriculum.samplers == samplers  # the same objects: none built per step
     straight = read_metrics(tmp_path / "straight")
     assert [m["gen_length"] for m in straight] == [4, 4, 8, 8]
     assert [m["curriculum_stage"] for m in straight] == [0, 0, 1, 1]

@@ -33,7 +33,7 @@ DISTRIBUTED = {
 
 def _config(output_dir: str, **changes):
     from unmask.sampling import SamplerConfig
-    from unmask.train.rl import RLConfig
+    from unmask.train.rl_config import RLConfig
 
     base = {
         "model": "nano-block",
@@ -67,12 +67,19 @@ def _task():
     )
 
 
-def worker(output_dir: str) -> None:
-    """One rank: train, recording the prompts this rank scored; save its final weights."""
+def worker(output_dir: str, value: bool = False) -> None:
+    """One rank: train, recording the prompts this rank scored; save its final weights (with
+    ``value``, a fresh run with the value model on, whose weights are saved instead)."""
+    from unmask.objectives.value import ValueConfig
     from unmask.train.rl import RLTrainer
 
     torch.set_num_threads(1)
-    trainer = RLTrainer(_config(output_dir, **DISTRIBUTED), task=_task())
+    if value:
+        config = _config(output_dir, value_model=ValueConfig(enabled=True, lr=1e-2),
+                         drop_zero_std_groups=True)  # fmt: skip
+    else:
+        config = _config(output_dir, **DISTRIBUTED)
+    trainer = RLTrainer(config, task=_task())
     seen: list[list[str]] = []
     score = trainer.task.score
 
@@ -82,11 +89,24 @@ def worker(output_dir: str) -> None:
 
     trainer.task.score = recording
     trainer.train()
-    state = {k: v.detach().clone() for k, v in trainer.core.state_dict().items()}
+    network = trainer.value.core if value else trainer.core
+    state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     torch.save(
         {"prompts": seen, "state": state, "world": trainer.accelerator.num_processes},
         Path(output_dir) / f"rank{trainer.accelerator.process_index}.pt",
     )
+
+
+def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` this file's worker on two CPU ranks (DDP)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
+        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        __file__, str(out), *args,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _free_port() -> int:
@@ -105,14 +125,7 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
     single.train()
     start = {k: v.detach().clone() for k, v in single.core.state_dict().items()}
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        __file__, str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = _launch(out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1 starts from its seed" in done.stderr
 
@@ -153,6 +166,20 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
     assert steps == list(range(1, FIRST + STEPS + 2))
 
 
+def test_two_cpu_ranks_update_the_value_model_when_one_has_nothing_to_train(tmp_path):
+    # Rank 1 keeps no rollout: its value update is a zero-weight spare pass, so rank 0's
+    # gradient all-reduce is met (without it the run hangs), and the replicas stay equal.
+    out = tmp_path / "value"
+    done = _launch(out, "value")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][name]), f"ranks differ at {name}"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert all("value_loss" in r for r in records)
+
+
 @pytest.mark.parametrize(
     "recipe", sorted((ROOT / "configs/families").glob("*/*.yaml")), ids=lambda p: p.parent.name
     + "/" + p.name,
@@ -160,7 +187,7 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
 def test_family_recipes_are_valid_configs(recipe):
     from unmask.config import load_config
     from unmask.eval.evaluate import EvalConfig
-    from unmask.train.rl import RLConfig
+    from unmask.train.rl_config import RLConfig
     from unmask.train.sft import SFTConfig
 
     cls = {"sft": SFTConfig, "eval": EvalConfig}.get(recipe.stem, RLConfig)
@@ -219,4 +246,4 @@ def test_accelerate_configs_parse(name):
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1])
+    worker(sys.argv[1], value="value" in sys.argv[2:])

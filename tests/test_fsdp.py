@@ -23,7 +23,7 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # fp32, sums over shards in another or
 
 def _rl_config(output_dir: Path, objective: str, **changes):
     from unmask.config import from_dict
-    from unmask.train.rl import RLConfig
+    from unmask.train.rl_config import RLConfig
 
     base = {
         "model": "nano-block",

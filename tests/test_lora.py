@@ -22,7 +22,8 @@ from unmask.models.lora import (
 )
 from unmask.sampling import SamplerConfig
 from unmask.train.common import training_model
-from unmask.train.rl import RLConfig, RLData, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig, RLData
 from unmask.train.sft import SFTConfig, SFTTrainer
 
 

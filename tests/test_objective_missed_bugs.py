@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-import unmask.train.rl as rl
+import unmask.train.view_updates as view_updates
 from tiny_rl import rl_config, sevens_task
 from unmask.objectives import OBJECTIVES, ViewBatch, policy_loss, token_logprobs
 from unmask.objectives.loss import ClipConfig, LossInputs
@@ -100,8 +100,8 @@ def run_step(name: str, tmp_path_factory, monkeypatch) -> Step:
     trainer.sampler.generate = sample
     trainer.optimizer.step = counted_step
     with monkeypatch.context() as patch:
-        patch.setattr(rl, "token_logprobs", spy_logprobs)
-        patch.setattr(rl, "policy_loss", spy_loss)
+        patch.setattr(view_updates, "token_logprobs", spy_logprobs)
+        patch.setattr(view_updates, "policy_loss", spy_loss)
         trainer.train()
     assert {s.iteration for s in step.scored} == {0, 1}, "expected two passes"
     _steps[name] = step
@@ -211,7 +211,7 @@ def test_lora_dropout_does_not_move_the_first_pass_ratio(tmp_path, monkeypatch):
         ratios.append(torch.exp(inputs.logprobs - inputs.old_logprobs).detach()[inputs.scored])
         return policy_loss(inputs, clip)
 
-    monkeypatch.setattr(rl, "policy_loss", spy_loss)
+    monkeypatch.setattr(view_updates, "policy_loss", spy_loss)
     trainer.train()
     ratio = torch.cat(ratios)
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=5e-5, rtol=0)

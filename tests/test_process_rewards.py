@@ -12,7 +12,8 @@ from unmask.objectives.value import ValueConfig
 from unmask.rewards.process import check_vectors, split_rewards
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
-from unmask.train.rl import RLConfig, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig
 
 
 def per_token(prompts, completions, completion_ids, completion_steps, **_):

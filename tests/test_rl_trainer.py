@@ -12,6 +12,7 @@ from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
 from unmask.train.checkpoint import latest_checkpoint
 from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig
 
 
 def test_tracerl_raises_a_toy_reward(tmp_path):
@@ -105,9 +106,9 @@ def test_unscorable_rewards_are_left_out(tmp_path, caplog):
 
 
 def test_non_finite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
-    import unmask.train.rl as rl
+    import unmask.train.view_updates as view_updates
 
-    real = rl.policy_loss
+    real = view_updates.policy_loss
 
     def poisoned(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -118,7 +119,7 @@ def test_non_finite_updates_are_skipped_then_stop(tmp_path, monkeypatch):
         rl_config(tmp_path, max_steps=6, save_every=1, max_bad_steps=2), task=sevens_task()
     )
     before = {k: v.clone() for k, v in trainer.core.state_dict().items()}
-    monkeypatch.setattr(rl, "policy_loss", poisoned)
+    monkeypatch.setattr(view_updates, "policy_loss", poisoned)
     with pytest.raises(RuntimeError, match="non-finite"):
         trainer.train()
     for name, value in trainer.core.state_dict().items():  # no NaN reached the weights
@@ -136,12 +137,42 @@ def test_bad_config_is_a_clear_error(tmp_path):
         RLTrainer(rl_config(tmp_path, objective="ppo"), task=sevens_task())
 
 
+def test_bad_objective_options_fail_before_any_model_loads(tmp_path):
+    from unmask.config import ConfigError, from_dict
+
+    with pytest.raises(ValueError, match=r"objective 'tracerl' has no option\(s\) \['nope'\]"):
+        rl_config(tmp_path, objective_options={"nope": 1})
+    with pytest.raises(ConfigError, match="nope"):  # what the CLI reports as a config error
+        from_dict(RLConfig, {"objective": "spg", "objective_options": {"nope": 1}})
+
+
+def test_null_settings_are_the_objectives_own(tmp_path):
+    from unmask.objectives import OBJECTIVES
+
+    spg = OBJECTIVES["spg"]
+    trainer = RLTrainer(rl_config(tmp_path, objective="spg"), task=sevens_task())
+    assert trainer.settings.num_iterations == spg.num_iterations
+    assert trainer.settings.scale_rewards == spg.scale_rewards
+    assert trainer.settings.loss_type == spg.loss_type
+    cfg = rl_config(tmp_path, "set", objective="spg", num_iterations=1, scale_rewards="group")
+    settings = RLTrainer(cfg, task=sevens_task()).settings
+    assert (settings.num_iterations, settings.scale_rewards) == (1, "group")
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    RLTrainer(rl_config(tmp_path, max_steps=1, save_every=1), task=sevens_task()).train()
+    other = get_task("sudoku", num_train=10)
+    with pytest.raises(ValueError, match="resume with the same data"):
+        RLTrainer(rl_config(tmp_path, max_steps=2, resume="latest"), task=other).train()
+
+
 def test_rl_cli_runs_a_recipe_and_resumes(tmp_path, capsys):
     from unmask.cli import main
 
     args = [
         "rl",
-        str(CONFIGS / "rl_agrpo_sudoku_tiny.yaml"),
+        str(CONFIGS / "rl_sudoku_tiny.yaml"),
+        "objective=agrpo",
         "model=nano-block",
         f"output_dir={tmp_path / 'cli'}",
         "max_steps=2",
@@ -157,5 +188,5 @@ def test_rl_cli_runs_a_recipe_and_resumes(tmp_path, capsys):
     assert main(args) == 2  # the folder has checkpoints: refused without --resume
     assert "resume" in capsys.readouterr().err
     assert main([*args, "max_steps=3", "--resume"]) == 0
-    assert main(["rl", str(CONFIGS / "rl_agrpo_sudoku_tiny.yaml"), "lr=fast"]) == 2
+    assert main(["rl", str(CONFIGS / "rl_sudoku_tiny.yaml"), "lr=fast"]) == 2
     assert "lr must be a number" in capsys.readouterr().err

@@ -216,3 +216,19 @@ def test_repeated_non_finite_updates_stop_the_run(tmp_path, monkeypatch):
         SFTTrainer(config, pairs=_pairs()).train()
     last = read_metrics(tmp_path / "diverged")[-1]  # logged before stopping, off-schedule
     assert (last["step"], last["skipped_updates"]) == (2, 2)
+
+
+def test_time_cap_stops_early_and_saves_the_final_model(tmp_path, capsys):
+    # the run skeleton SFT shares with RL: its wall-clock cap stops, logs and saves
+    config = _config(tmp_path, "capped", "nano-block", max_time_s=0.0, save_every=0)
+    final = SFTTrainer(config, pairs=_pairs()).train()
+    assert (final / "model.safetensors").exists()
+    assert [r["step"] for r in read_metrics(tmp_path / "capped")] == [1]
+    assert "SFT stopped at 1/6 steps: time cap" in capsys.readouterr().err
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    _train_until_checkpoint(_config(tmp_path, "run", "nano-block"), _pairs(), stop_at=3)
+    config = _config(tmp_path, "run", "nano-block", resume="latest")
+    with pytest.raises(ValueError, match="resume with the same data"):
+        SFTTrainer(config, pairs=_pairs()[:30]).train()

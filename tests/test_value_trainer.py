@@ -13,7 +13,8 @@ from tiny_rl import assert_same_weights, read_metrics, rl_config, sevens_task
 from unmask.objectives.value import ValueConfig, ValueModel
 from unmask.sampling import SamplerConfig
 from unmask.train.checkpoint import CheckpointError, latest_checkpoint
-from unmask.train.rl import RLConfig, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig
 
 
 def _config(tmp_path, name="run", value=None, **kw):
@@ -91,10 +92,32 @@ def test_value_advantages_raise_a_toy_reward(tmp_path):
 def test_recipe_loads_and_overrides_are_checked():
     from unmask.config import ConfigError, load_config
 
-    recipe = CONFIGS / "rl_tracerl_value_sudoku_tiny.yaml"
+    recipe = CONFIGS / "rl_value_sudoku_tiny.yaml"
     cfg = load_config(RLConfig, recipe, ["value_model.lam=0.95"])
     assert cfg.value_model.enabled and cfg.value_model.lam == 0.95
     with pytest.raises(ConfigError, match=r"value_model\.gamma"):
         load_config(RLConfig, recipe, ["value_model.gamma=2"])
     with pytest.raises(ConfigError, match=r"value_model\.reward"):
         load_config(RLConfig, recipe, ["value_model.reward=sum"])
+
+
+def test_a_non_finite_value_update_is_skipped_by_the_trainers_machinery(tmp_path, monkeypatch):
+    import unmask.objectives.value.learner as learner
+    from unmask.train.update import Updater
+
+    real = learner.value_loss
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    trainer = RLTrainer(_config(tmp_path, max_steps=2), task=sevens_task())
+    assert isinstance(trainer.value.updater, Updater)  # skips decided over all processes
+    before = {k: v.clone() for k, v in trainer.value.core.state_dict().items()}
+    monkeypatch.setattr(learner, "value_loss", poisoned)
+    trainer.train()
+    for name, value in trainer.value.core.state_dict().items():  # no NaN reached the weights
+        assert value.equal(before[name]), name
+    assert [m["value_skipped_updates"] for m in read_metrics(tmp_path / "run")] == [1, 1]
+    assert "skipped_updates" not in read_metrics(tmp_path / "run")[-1]  # the policy trained

@@ -8,7 +8,8 @@ import pytest
 from matplotlib.image import imread
 
 from unmask.sampling import SamplerConfig
-from unmask.train.rl import RLConfig, RLEval, RLTrainer
+from unmask.train.rl import RLTrainer
+from unmask.train.rl_config import RLConfig, RLEval
 from unmask.viz.plots import load_series, plot_metrics, plot_table
 
 

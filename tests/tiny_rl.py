@@ -11,7 +11,7 @@ import torch
 from unmask.metrics import read_metrics
 from unmask.sampling import SamplerConfig
 from unmask.tasks.registry import get_task
-from unmask.train.rl import RLConfig
+from unmask.train.rl_config import RLConfig
 
 __all__ = ["assert_same_weights", "read_metrics", "rl_config", "sevens_task", "untimed"]
 

@@ -7,7 +7,7 @@ resume from their last checkpoint). The SFT model is also cached by recipe under
 same model without training it again.
 
 The recipes (:data:`RECIPES`) are ordinary :class:`~unmask.train.sft.SFTConfig` and
-:class:`~unmask.train.rl.RLConfig` fields; any of them can be overridden with ``sft.KEY=...``
+:class:`~unmask.train.rl_config.RLConfig` fields; any of them can be overridden with ``sft.KEY=...``
 and ``rl.KEY=...``.
 """
 
@@ -31,7 +31,7 @@ from unmask.metrics import METRICS_FILE, read_metrics
 from unmask.sampling.sampler import SamplerConfig
 from unmask.tasks.registry import TASKS
 from unmask.train.pace import clock, time_cap_message
-from unmask.train.rl import RLConfig
+from unmask.train.rl_config import RLConfig
 from unmask.train.sft import SFTConfig
 
 FINAL = "final"

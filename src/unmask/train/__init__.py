@@ -13,7 +13,7 @@ _LAZY = {
     "SFTTrainer": "unmask.train.sft",
     "encode_pairs": "unmask.train.sft",
     "train_sft": "unmask.train.sft",
-    "RLConfig": "unmask.train.rl",
+    "RLConfig": "unmask.train.rl_config",
     "RLTrainer": "unmask.train.rl",
     "train_rl": "unmask.train.rl",
     "CheckpointError": "unmask.train.checkpoint",

@@ -1,26 +1,20 @@
-"""What the SFT and RL trainers share: accelerator, optimizer, data order, resume, evaluation."""
+"""How the SFT and RL trainers set up: accelerator, the model to train, optimizer, data order.
+
+The run itself (resume, cadences, checkpoints, final save) is :mod:`unmask.train.run`.
+"""
 
 from __future__ import annotations
 
-import logging
-import math
-import sys
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType
 from torch import nn
 
-from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.loading import DiffusionModel, load_model
-from unmask.models.lora import LoRAConfig, add_lora, has_lora, merge_lora, quantization_config
-from unmask.models.saving import save_model
-from unmask.train.checkpoint import capture_rng_state, latest_checkpoint, save_checkpoint
-
-logger = logging.getLogger(__name__)
+from unmask.models.lora import LoRAConfig, add_lora, has_lora, quantization_config
 
 
 def make_accelerator(
@@ -129,30 +123,6 @@ def disable_dropout(model: nn.Module) -> None:
             module.p = 0.0
 
 
-def adapt_block_size(model: DiffusionLM, block_size: int | None) -> None:
-    """Train ``model`` at ``block_size`` (the config's ``block_size``; None keeps the native one).
-
-    The trainer's rows, the sampler's default decoding block and the saved model's settings
-    all follow, so the adapted model is a block-``block_size`` model (docs/rl.md).
-    """
-    if block_size is None or block_size == model.block_size:
-        return
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1 or null, got {block_size}")
-    logger.info("block-size adaptation: %s block %d -> %d", model.layout, model.block_size,
-                block_size)  # fmt: skip
-    model.set_block_size(block_size)
-
-
-def save_final(model: DiffusionLM, path: Path) -> Path:
-    """Save the trained model to ``path``; a LoRA model is first saved as it is, adapters and
-    all, to ``path`` + ``_lora``, then merged (in place) into a plain native model."""
-    if has_lora(model):
-        save_model(model, path.with_name(f"{path.name}_lora"))
-        merge_lora(model)
-    return save_model(model, path)
-
-
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: Sequence[float]
 ) -> torch.optim.AdamW:
@@ -197,132 +167,3 @@ class BatchStream:
     def _permutation(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return torch.randperm(self.size, generator=g).tolist()
-
-
-def save_run_checkpoint(
-    trainer: Any,
-    step: int,
-    generators: dict[str, torch.Generator],
-    trainer_state: dict[str, Any],
-    model_view: Callable[[nn.Module], nn.Module] = lambda model: model,
-) -> Path:
-    """Checkpoint ``step`` of an SFT or RL trainer; every process calls it. The RNG states of
-    all processes are gathered, the whole model and optimizer state are put together (they
-    may be sharded), and the main process writes ``model_view`` of the model with them.
-    ``trainer`` has ``accelerator``, ``parallel``, ``model``, ``optimizer``, ``scheduler``,
-    ``output_dir`` and ``config.keep_last``."""
-    acc = trainer.accelerator
-    rng = [capture_rng_state(generators)]
-    if acc.num_processes > 1:
-        rng = gather_object(rng)
-    path = trainer.output_dir / "checkpoints"
-    optimizer = trainer.parallel.optimizer_state(trainer.model, trainer.optimizer)
-    with trainer.parallel.whole(trainer.model, main_only=True) as model:
-        if acc.is_main_process:
-            path = save_checkpoint(
-                trainer.output_dir, step, model_view(model), optimizer, trainer.scheduler,
-                trainer_state, rng_states=rng, keep_last=trainer.config.keep_last,
-            )  # fmt: skip
-    acc.wait_for_everyone()
-    return path
-
-
-def checkpoint_to_resume(output_dir: Path, resume: str | None, main: bool = True) -> Path | None:
-    """The checkpoint ``resume`` names (``latest`` or a folder), or None for a fresh run.
-
-    A fresh run into a folder that already holds checkpoints is refused: it would silently
-    mix two runs' metrics and checkpoints. ``resume=latest`` with no checkpoint yet starts
-    from step 0 with a notice (on the ``main`` process), so a cluster's requeue loop can
-    always pass ``--resume``.
-    """
-    if resume is None:
-        existing = latest_checkpoint(output_dir)
-        if existing is not None:
-            raise ValueError(
-                f"{output_dir} already has checkpoints (latest: {existing}); resume with "
-                "resume=latest or choose another output_dir"
-            )
-        return None
-    path = latest_checkpoint(output_dir) if resume == "latest" else Path(resume)
-    if path is None and main:
-        notice(f"resume=latest: no checkpoint in {output_dir / 'checkpoints'} yet; "
-               "starting from step 0")  # fmt: skip
-    return path
-
-
-def notice(message: str) -> None:
-    """A warning the user must see: logged, and printed to stderr unless logging has no
-    handler at all (Python's last-resort handler prints it there already)."""
-    logger.warning(message)
-    if logger.hasHandlers():
-        print(message, file=sys.stderr)
-
-
-def on_any_process(accelerator: Any, flag: bool) -> bool:
-    """Whether ``flag`` holds on any process, so that all of them take the same branch."""
-    if accelerator.num_processes == 1:
-        return flag
-    count = accelerator.reduce(
-        torch.tensor([float(flag)], device=accelerator.device), reduction="sum"
-    )
-    return bool(count.item() > 0)
-
-
-class UpdateGuard:
-    """Skips an optimizer update whose loss or gradient norm is not finite on any process
-    (all processes skip together, so replicas stay identical and no NaN reaches the weights),
-    and counts such updates in a row: after ``limit`` of them the run is diverging and stops.
-    """
-
-    def __init__(self, accelerator: Any, limit: int) -> None:
-        self.accelerator, self.limit = accelerator, limit
-        self.in_a_row = 0
-
-    def skip(self, loss: float, grad_norm: float, step: int) -> bool:
-        """Whether to skip this update (warns when it does)."""
-        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not on_any_process(self.accelerator, bad):
-            self.in_a_row = 0
-            return False
-        self.in_a_row += 1
-        logger.warning(
-            "step %d: non-finite loss (%s) or gradient norm (%s); update skipped",
-            step, loss, grad_norm,
-        )  # fmt: skip
-        return True
-
-    @property
-    def failing(self) -> bool:
-        return self.in_a_row >= self.limit
-
-    def error(self, step: int, output_dir: Path) -> RuntimeError:
-        """What a failing run raises (after logging the step's metrics)."""
-        return RuntimeError(
-            f"stopped at step {step}: {self.in_a_row} updates in a row had a non-finite loss "
-            f"or gradient and were skipped; the last good checkpoint is in "
-            f"{output_dir / 'checkpoints'} (lower lr or check the data and rewards)"
-        )
-
-
-def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    """The ``eval/...`` metrics of an evaluation summary."""
-    metrics = {
-        "eval/accuracy": summary["accuracy"],
-        "eval/nfe": summary["mean_nfe"],
-        "eval/reward": summary["reward"],
-    }
-    for key, value in summary.items():
-        if key.startswith("reward/") and key.endswith("/mean"):
-            metrics[f"eval/{key.split('/')[1]}"] = value
-    return metrics
-
-
-def write_plots(output_dir: Path) -> None:
-    """PNG plots of the run's metrics in ``OUTPUT_DIR/plots``. A plotting failure only warns:
-    the model is saved by then."""
-    from unmask.viz.plots import plot_metrics
-
-    try:
-        plot_metrics(output_dir)
-    except Exception as err:
-        logger.warning("could not plot %s: %s", output_dir / "metrics.jsonl", err)

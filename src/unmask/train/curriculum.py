@@ -5,14 +5,18 @@ TraDo's long-chain-of-thought model was trained with the completion length raise
 up to and including its own, and the last stage (no ``until_step``) runs to the end. A stage
 sets the sampler's ``gen_length`` and, for data with a difficulty column, the range of
 difficulties its prompts are drawn from. The stage is a pure function of the step number, so a
-resumed run follows the schedule exactly as an uninterrupted one.
+resumed run follows the schedule exactly as an uninterrupted one. :class:`Curriculum` is the
+schedule checked, once at trainer start, against the rollout sampler and the data.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+from unmask.sampling.sampler import Sampler
+from unmask.train.common import BatchStream
 
 
 @dataclass
@@ -83,3 +87,56 @@ def difficulty_rows(
             )
         allowed.append(rows)
     return allowed
+
+
+class Curriculum:
+    """``stages`` checked against the rollout ``sampler`` (whose config has the run's block
+    length) and the ``prompts`` data: each step's stage, its completion length and its rows.
+    A stage's length gets its own sampler, built once here."""
+
+    def __init__(
+        self, stages: Sequence[CurriculumStage], sampler: Sampler, prompts: Any, column: str
+    ) -> None:
+        self.stages = stages
+        self.rows: list[set[int] | None] = [None] * len(stages)
+        self.samplers: dict[int, Sampler] = {}
+        if not stages:
+            return
+        base = sampler.config
+        block = base.block_length
+        assert block is not None, "the trainer settles the block length first"
+        for i, stage in enumerate(stages):
+            length = stage.gen_length
+            if length is not None and length % block:
+                raise ValueError(
+                    f"curriculum[{i}].gen_length ({length}) must be a multiple of the block "
+                    f"length ({block})"
+                )
+            if length is not None and length != base.gen_length:
+                self.samplers[length] = Sampler(replace(base, gen_length=length))
+        if any(stage.difficulty is not None for stage in stages):
+            if column not in prompts.column_names:
+                raise ValueError(
+                    f"curriculum filters on difficulty but data.difficulty_field {column!r} is "
+                    f"not a column of the data (columns: {', '.join(prompts.column_names)})"
+                )
+            self.rows = difficulty_rows(prompts[column], stages, column)
+
+    def stage(self, step: int) -> int:
+        """The stage of step ``step`` (from 1); -1 without stages."""
+        return stage_at(self.stages, step)
+
+    def gen_length(self, stage: int, default: int) -> int:
+        """The completion length of ``stage`` (``default``: the sampler's)."""
+        return (self.stages[stage].gen_length or default) if stage >= 0 else default
+
+    def take(self, stream: BatchStream, count: int, stage: int) -> list[int]:
+        """The next ``count`` rows of the data order; a stage with a difficulty range skips the
+        rows outside it (deterministic, and resumed with the data position)."""
+        allowed = self.rows[stage] if stage >= 0 else None
+        if allowed is None:
+            return stream.take(count)
+        rows: list[int] = []
+        while len(rows) < count:
+            rows.extend(i for i in stream.take(1) if i in allowed)
+        return rows

@@ -2,7 +2,8 @@
 
 The trainers talk to :class:`Parallel` only, so both set-ups run the same loop: prepare the
 model, get the whole model for rollouts, evaluation and saving, clip gradients, and keep the
-processes' collective passes in step.
+processes' collective passes in step. :func:`on_any_process` and :func:`over_processes` make
+the processes take one branch and report one set of metrics.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from torch import nn
 
 from unmask.models.diffusion_lm import DiffusionLM
@@ -107,3 +109,32 @@ class Parallel:
         if self.sharded:
             return missing
         return int(local == 0 and missing > 0)
+
+
+def on_any_process(accelerator: Any, flag: bool) -> bool:
+    """Whether ``flag`` holds on any process, so that all of them take the same branch."""
+    if accelerator.num_processes == 1:
+        return flag
+    count = accelerator.reduce(
+        torch.tensor([float(flag)], device=accelerator.device), reduction="sum"
+    )
+    return bool(count.item() > 0)
+
+
+def over_processes(accelerator: Any, metrics: dict[str, float]) -> dict[str, float]:
+    """Every process's step metrics in one: the maximum of ``max_*`` keys, the minimum of
+    ``min_*`` ones and the mean of the rest (a key only some processes have: over those)."""
+    if accelerator.num_processes == 1:
+        return metrics
+    gathered: list[dict[str, float]] = gather_object([metrics])
+    out: dict[str, float] = {}
+    for key in dict.fromkeys(k for m in gathered for k in m):
+        values = [m[key] for m in gathered if key in m]
+        words = key.rsplit("/", 1)[-1].split("_")
+        if "max" in words:
+            out[key] = max(values)
+        elif "min" in words:
+            out[key] = min(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out

@@ -8,15 +8,15 @@ gradient accumulation and clipping, and bf16 autocast on GPUs.
 
 Every ``save_every`` steps it writes an atomic checkpoint (:mod:`unmask.train.checkpoint`) with
 the optimizer, scheduler, random states, data position and the metrics window being averaged,
-so a resumed run continues, and logs, exactly as an uninterrupted one would. An update with a
-non-finite loss or gradient is skipped, as in RL. Metrics go to ``OUTPUT_DIR/metrics.jsonl``
+so a resumed run continues, and logs, exactly as an uninterrupted one would. The run itself
+(resume, cadences, time cap, the all-process skip of a non-finite update, final save) is the
+skeleton RL shares (:mod:`unmask.train.run`). Metrics go to ``OUTPUT_DIR/metrics.jsonl``
 (and TensorBoard with ``report_to: [tensorboard]``); the final model is saved to
 ``OUTPUT_DIR/final`` (merged; with LoRA the adapters also stay in ``OUTPUT_DIR/final_lora``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,37 +25,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
-from unmask.config import to_dict
-from unmask.metrics import MetricsWriter
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.lora import LoRAConfig
-from unmask.objectives.sft_loss import resolve_objective, sample_noise, sft_loss
-from unmask.objectives.views import collate
+from unmask.objectives.sft_loss import Noise, SFTLoss, resolve_objective, sample_noise, sft_loss
+from unmask.objectives.views import SequenceBatch, collate
 from unmask.sampling.sampler import SamplerConfig, pad_id
 from unmask.tasks.registry import build_task
-from unmask.train.checkpoint import load_checkpoint
+from unmask.train.blocks import adapt_block_size
 from unmask.train.common import (
     BatchStream,
-    UpdateGuard,
-    adapt_block_size,
     build_optimizer,
-    checkpoint_to_resume,
-    eval_metrics,
     make_accelerator,
     pin_threads,
-    save_final,
-    save_run_checkpoint,
     training_model,
-    write_plots,
 )
 from unmask.train.distributed import Parallel
-from unmask.train.pace import Pace
+from unmask.train.run import Run
 from unmask.train.sharding import FSDPConfig, resolve_fsdp
+from unmask.train.update import UpdateGuard, Updater
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +90,8 @@ class SFTConfig:
     compute for activation memory. ``block_size`` trains at another block size than the
     model's own (block-size adaptation, docs/sft.md); the saved model keeps the new one.
     An update with a non-finite loss or gradient norm is skipped (``skipped_updates``);
-    ``max_bad_steps`` of them in a row stop the run.
+    ``max_bad_steps`` of them in a row stop the run. ``max_time_s`` stops the run early,
+    saving the final model, after that many seconds.
     """
 
     model: str = "micro-block"
@@ -129,6 +120,7 @@ class SFTConfig:
     save_every: int = 0  # 0: no intermediate checkpoints
     keep_last: int = 2
     max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
+    max_time_s: float | None = None  # stop early, saving the final model, after this long
     log_every: int = 10
     report_to: list[str] = field(default_factory=list)
     progress: bool = True
@@ -170,13 +162,17 @@ def encode_pairs(
     return [(list(p), [*t, eos]) for p, t in zip(prompt_ids, target_ids, strict=True)]
 
 
-class SFTTrainer:
+class SFTTrainer(Run):
     """Masked-diffusion SFT. ``SFTTrainer(config).train()`` returns the final model's folder.
 
     ``model`` and ``pairs`` (prompt ids, completion ids ending in EOS) override
     ``config.model`` and ``config.data``; ``task`` is needed for evaluation (built from
-    ``config.data`` when not given).
+    ``config.data`` when not given). ``core`` is the model being trained, ``model`` the same
+    network as prepared for gradients (DDP-wrapped; under FSDP2 ``core`` itself).
     """
+
+    name = "sft"
+    generator_name = "noise"
 
     def __init__(
         self,
@@ -216,63 +212,34 @@ class SFTTrainer:
         self.output_dir = Path(cfg.output_dir)
         self._last_lr = cfg.lr
         self.guard = UpdateGuard(acc, cfg.max_bad_steps)
+        self.updater = Updater(acc, self.parallel, self.model, self.optimizer, self.guard,
+                               cfg.max_grad_norm)  # fmt: skip
         self.window = _Window()  # step statistics since the last logged step; checkpointed
-        self._elapsed_before = 0.0  # training seconds of the run before this process resumed it
-        self._began = time.perf_counter()
 
-    # -- the loop --------------------------------------------------------------------------
-    def train(self) -> Path:
-        cfg, acc = self.config, self.accelerator
-        start = self._resume()
-        main = acc.is_main_process
-        if main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
-        writer = MetricsWriter(
-            self.output_dir, cfg.report_to, resume_step=start if cfg.resume else None, enabled=main
-        )
-        bar = tqdm(
-            total=cfg.max_steps, initial=start, desc="sft", disable=not (cfg.progress and main)
-        )
-        if cfg.eval.every and start == 0:
-            writer.log(0, self.evaluate())
-        self._began = time.perf_counter()
-        pace = Pace("sft", start, cfg.max_steps, enabled=cfg.progress and main)
-        for step in range(start + 1, cfg.max_steps + 1):
-            self.window.add(self._step(step))
-            pace.tick(step)
-            failing = self.guard.failing
-            if step % cfg.log_every == 0 or step == cfg.max_steps or failing:
-                metrics = self.window.flush()
-                metrics.update(
-                    lr=self._last_lr,
-                    epoch=self.stream.epoch,
-                    block_size=self.core.block_size,
-                    elapsed_s=self._elapsed_s(),
-                )
-                writer.log(step, metrics)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
-                )
-            if failing:
-                writer.close()
-                raise self.guard.error(step, self.output_dir)
-            bar.update(1)
-            if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.max_steps):
-                writer.log(step, self.evaluate())
-            if cfg.save_every and step % cfg.save_every == 0:
-                self.save(step)
-        bar.close()
-        final = self.output_dir / "final"
-        with self.parallel.whole(self.model, main_only=True) as whole:
-            if main:
-                save_final(whole, final)
-        acc.wait_for_everyone()
-        writer.close()
-        if main and cfg.plots:
-            write_plots(self.output_dir)
-        return final
+    # -- the run skeleton's hooks ----------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        stats = self._step(step)
+        self.window.add(stats)
+        return stats
 
+    def logged(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The window's averages since the last logged step."""
+        logged = self.window.flush()
+        logged.update(lr=self._last_lr, epoch=self.stream.epoch, block_size=self.core.block_size,
+                      elapsed_s=self.elapsed_s)  # fmt: skip
+        return logged
+
+    def postfix(self, logged: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{logged['loss']:.4f}", "tok_s": f"{logged['tokens_per_s']:.0f}"}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"metrics_window": self.window.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any], path: Path) -> None:
+        # Checkpoints written before the window was saved resume with an empty one.
+        self.window.load_state_dict(state.get("metrics_window", []))
+
+    # -- one optimizer step ----------------------------------------------------------------
     def _step(self, step: int) -> dict[str, float]:
         """Optimizer step ``step`` over ``grad_accum`` micro-batches (skipped when the loss or
         gradient is not finite); returns global sums."""
@@ -291,121 +258,44 @@ class SFTTrainer:
             ).to(acc.device)
             for j in range(0, per_rank, cfg.batch_size)
         ]
-        noises = [
-            sample_noise(b, self.objective, cfg.t_min, cfg.t_max, self.generator) for b in batches
+        noised = [
+            (b, sample_noise(b, self.objective, cfg.t_min, cfg.t_max, self.generator))
+            for b in batches
         ]
         local_tokens = sum(b.num_completion_tokens for b in batches)
         total = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), "sum")
         # DDP averages gradients over processes: scale so the step's loss is per token of the
         # global batch.
         normalizer = max(float(total), 1.0) / acc.num_processes
-        loss = nll = masked = 0.0
-        for i, (batch, noise) in enumerate(zip(batches, noises, strict=True)):
-            last = i == len(batches) - 1
-            with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                out = sft_loss(
-                    self.model,
-                    self.core.settings,
-                    batch,
-                    noise,
-                    self.objective,
-                    cfg.elbo_weight,
-                    normalizer,
-                )
-                acc.backward(out.loss)
-            loss += float(out.loss.detach())
+        nll = masked = 0.0
+
+        def forward(pair: tuple[SequenceBatch, Noise]) -> SFTLoss:
+            return sft_loss(self.model, self.core.settings, pair[0], pair[1], self.objective,
+                            cfg.elbo_weight, normalizer)  # fmt: skip
+
+        def loss(pair: tuple[SequenceBatch, Noise]) -> torch.Tensor:
+            nonlocal nll, masked
+            out = forward(pair)
             nll += out.nll_sum
             masked += out.masked_tokens
-        grad_norm = self.parallel.clip_grad_norm(self.model, cfg.max_grad_norm)
+            return out.loss
+
         self._last_lr = self.optimizer.param_groups[0]["lr"]
-        skipped = self.guard.skip(loss, float(grad_norm), step)
-        if not skipped:
-            self.optimizer.step()
+        update = self.updater(noised, loss, lambda: forward(noised[0]).loss, step)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         seq_tokens = sum(int(b.real.sum()) for b in batches)
-        sums = torch.tensor([loss, nll, masked, seq_tokens, local_tokens], device=acc.device)
-        loss, nll, masked, seq_tokens, comp_tokens = acc.reduce(sums, "sum").tolist()
+        sums = torch.tensor([update.loss, nll, masked, seq_tokens, local_tokens], device=acc.device)
+        loss_sum, nll, masked, seq_tokens, comp_tokens = acc.reduce(sums, "sum").tolist()
         return {
-            "loss": loss / acc.num_processes,
+            "loss": loss_sum / acc.num_processes,
             "nll": nll,
             "masked": masked,
             "tokens": seq_tokens,
             "completion_tokens": comp_tokens,
-            "grad_norm": float(grad_norm),
+            "grad_norm": update.grad_norm,
             "seconds": time.perf_counter() - began,
-            "skipped_updates": float(skipped),
+            "skipped_updates": float(update.skipped),
         }
-
-    # -- evaluation and checkpoints --------------------------------------------------------
-    def evaluate(self) -> dict[str, float]:
-        """Sample the held-out split and score it (main process; the others wait)."""
-        from unmask.eval.evaluate import evaluate
-
-        cfg, acc = self.config.eval, self.accelerator
-        metrics: dict[str, float] = {}
-        with self.parallel.whole(self.model, self.parallel.sampling_dtype()) as model:
-            if acc.is_main_process:
-                with acc.autocast():
-                    summary = evaluate(
-                        model,
-                        self.task,
-                        cfg.sampler,
-                        split=cfg.split,
-                        limit=cfg.limit,
-                        batch_size=cfg.batch_size,
-                        seed=self.config.seed,
-                        progress=False,
-                    )
-                model.train()
-                metrics = eval_metrics(summary)
-        acc.wait_for_everyone()
-        return metrics
-
-    def save(self, step: int) -> Path:
-        """Checkpoint ``step`` (all processes call this; the main one writes)."""
-        state = {
-            "data": self.stream.state_dict(),
-            "num_rows": len(self.pairs),
-            "metrics_window": self.window.state_dict(),
-            "elapsed_s": self._elapsed_s(),
-            "skipped_in_a_row": self.guard.in_a_row,
-        }
-        return save_run_checkpoint(self, step, {"noise": self.generator}, state)
-
-    def _resume(self) -> int:
-        """Load the checkpoint named by ``config.resume``; the step to continue after."""
-        acc = self.accelerator
-        path = checkpoint_to_resume(self.output_dir, self.config.resume, acc.is_main_process)
-        if path is None:
-            return 0
-        sharded = self.parallel.sharded
-        state = load_checkpoint(
-            path,
-            None if sharded else self.core,
-            None if sharded else self.optimizer,
-            self.scheduler,
-            generators={"noise": self.generator},
-            rank=acc.process_index,
-        )
-        if sharded:
-            self.parallel.load(path, self.core, self.optimizer)
-        if state["num_rows"] != len(self.pairs):
-            raise ValueError(
-                f"{path} was trained on {state['num_rows']} rows, this run has "
-                f"{len(self.pairs)}: resume with the same data"
-            )
-        self.stream.load_state_dict(state["data"])
-        # Checkpoints written before these were saved resume with an empty window.
-        self.window.load_state_dict(state.get("metrics_window", []))
-        self._elapsed_before = float(state.get("elapsed_s", 0.0))
-        self.guard.in_a_row = int(state.get("skipped_in_a_row", 0))
-        logger.info("resumed from %s at step %d", path, state["step"])
-        return int(state["step"])
-
-    def _elapsed_s(self) -> float:
-        """Training seconds so far, across resumes."""
-        return self._elapsed_before + time.perf_counter() - self._began
 
 
 def train_sft(config: SFTConfig) -> Path:

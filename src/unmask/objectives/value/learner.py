@@ -9,14 +9,13 @@ token advantages, which came from the value model before its update.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from accelerate import Accelerator
@@ -91,30 +90,58 @@ class ValueConfig:
             )
 
 
+class UpdateOutcome(Protocol):
+    """What one update did (:class:`unmask.train.update.Update`)."""
+
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+class UpdateStep(Protocol):
+    """One optimizer update over micro-batches: the trainers' own
+    (:class:`unmask.train.update.Updater`), so the value model's updates accumulate, clip,
+    pair their collectives (zero-weight ``spare`` passes) and skip non-finite updates over all
+    processes exactly as the policy's do."""
+
+    def __call__(
+        self,
+        batches: Sequence[Any],
+        loss: Callable[[Any], torch.Tensor],
+        spare: Callable[[], torch.Tensor],
+        step: int,
+    ) -> UpdateOutcome: ...
+
+
 class ValueLearner:
     """Advantages from, and updates of, one value model.
 
-    ``prepared`` is the module to call for gradients (DDP-wrapped by ``accelerator.prepare``),
-    ``core`` the unwrapped :class:`ValueModel` it wraps.
+    ``model`` is the module to call for gradients (DDP-wrapped by ``accelerator.prepare``),
+    ``core`` the unwrapped :class:`ValueModel` it wraps. ``updater`` takes its optimizer
+    updates (the RL trainer passes its own machinery); without one, a learner on a single
+    process steps ``optimizer`` itself, skipping non-finite updates.
     """
 
     def __init__(
         self,
         config: ValueConfig,
-        prepared: nn.Module,
+        model: nn.Module,
         core: ValueModel,
         optimizer: torch.optim.Optimizer,
         accelerator: Accelerator,
         shrink: int,
         micro_batch_size: int,
         max_grad_norm: float | None,
+        updater: UpdateStep | None = None,
     ) -> None:
         self.config = config
-        self.prepared, self.core, self.optimizer = prepared, core, optimizer
+        self.model, self.core, self.optimizer = model, core, optimizer
         self.accelerator = accelerator
         self.trace = TraceRL(shrink=shrink, two_stream=core.layout == "block")
         self.micro_batch_size = micro_batch_size
-        self.max_grad_norm = max_grad_norm
+        if updater is None:
+            updater = _OneProcessUpdate(accelerator, model, optimizer, max_grad_norm)
+        self.updater = updater
 
     def views(self, rollout: Rollout) -> ViewBatch:
         """TraceRL views: every completion token scored once, in the state it was unmasked from."""
@@ -128,9 +155,11 @@ class ValueLearner:
         process: torch.Tensor | None,
         kept: torch.Tensor,
         train: bool,
+        rl_step: int = 0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Token advantages ``[B, G]`` of the rollouts ``views`` score (0 elsewhere) from the
-        pre-update values, the value update when ``train``, and metrics.
+        pre-update values, the value update when ``train`` (at trainer step ``rl_step``, for
+        its warnings), and metrics.
 
         Returns do not depend on the values, so when training, the first pass of the update
         gives the pre-update values (no separate forward)."""
@@ -143,15 +172,19 @@ class ValueLearner:
             None if outcome is None else outcome.to(device),
             None if process is None else process.to(device),
         )
-        returns = token_returns(rewards, ranks, cfg.gamma)
+        # A process may keep no rollout this step: its advantages are 0, and its update only
+        # joins the others' collectives.
+        anything, zeros = bool(trained.any()), torch.zeros_like(rewards)
+        returns = token_returns(rewards, ranks, cfg.gamma) if anything else zeros
         metrics: dict[str, float] = {}
         if train:
             divisors = global_normalizers(self.accelerator, rollout, "dapo", kept.to(device))
-            old, metrics = self.update(views, views.per_token(returns), divisors)
+            spare = self.views(rollout).select(slice(0, 1))  # never empty, unlike ``views``
+            old, metrics = self.update(views, views.per_token(returns), divisors, spare, rl_step)
         else:
             old = self.values(views)
         values = _to_completion(views, old, ranks.shape)
-        advantages = gae(values, rewards, ranks, cfg.gamma, cfg.lam)
+        advantages = gae(values, rewards, ranks, cfg.gamma, cfg.lam) if anything else zeros
         if cfg.whiten:
             advantages = whiten(advantages, trained)
         metrics.update(
@@ -175,53 +208,66 @@ class ValueLearner:
         return torch.cat(out) if out else torch.zeros(views.scored.shape, device=self.core.device)
 
     def update(
-        self, views: ViewBatch, returns: torch.Tensor, divisors: torch.Tensor
+        self,
+        views: ViewBatch,
+        returns: torch.Tensor,
+        divisors: torch.Tensor,
+        spare: ViewBatch,
+        rl_step: int = 0,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """``iterations`` optimizer steps of the clipped value loss towards ``returns``
-        ``[N, W]``. Returns the pre-update values ``[N, W]`` (from the first pass, which is
-        unclipped: it starts there) and metrics; the first pass's loss is reported."""
-        acc, cfg = self.accelerator, self.config
+        """``iterations`` optimizer updates of the clipped value loss towards ``returns``
+        ``[N, W]``, over micro-batches of ``views`` (``spare`` feeds zero-weight passes).
+        Returns the pre-update values ``[N, W]`` (from the first pass, which is unclipped: it
+        starts there) and metrics; the first pass's loss is reported."""
         self.core.train()
         metrics: dict[str, float] = {}
-        clip_sum, clip_count, skipped = 0.0, 0, 0
-        starts = range(0, len(views), self.micro_batch_size)
-        firsts: list[torch.Tensor] = []
+        clips: list[float] = []
+        skipped = 0
         old = torch.zeros(views.scored.shape, device=returns.device)
-        for it in range(cfg.iterations):
-            loss_sum = 0.0
-            for start in starts:
-                rows = slice(start, start + self.micro_batch_size)
-                chunk = views.select(rows)
-                last = start == starts[-1]
-                sync = contextlib.nullcontext() if last else acc.no_sync(self.prepared)
-                with sync, acc.autocast():
-                    predicted = scored_values(self.prepared, self.core, chunk)
-                    if it == 0:
-                        firsts.append(predicted.detach())
-                    before = firsts[-1] if it == 0 else old[rows]
-                    out = value_loss(predicted, before, returns[rows], chunk.scored,
-                                     chunk.rollout_index, divisors, cfg.epsilon)  # fmt: skip
-                    acc.backward(out.loss)
-                loss_sum += float(out.loss.detach())
-                clip_sum += float(out.metrics["value_clip_ratio"])
-                clip_count += 1
-            if it == 0 and firsts:
-                old = torch.cat(firsts)
-            norm = float(acc.clip_grad_norm_(self.prepared.parameters(),
-                                             self.max_grad_norm or float("inf")))  # fmt: skip
-            if math.isfinite(loss_sum) and math.isfinite(norm):
-                self.optimizer.step()
-            else:
-                skipped += 1
-                logger.warning("value update skipped: non-finite loss (%s) or gradient norm (%s)",
-                               loss_sum, norm)  # fmt: skip
-            self.optimizer.zero_grad(set_to_none=True)
+        for it in range(self.config.iterations):
+            firsts: list[torch.Tensor] = []
+            update = self._pass(views, returns, divisors, old if it else firsts, spare, rl_step,
+                                clips)  # fmt: skip
             if it == 0:
-                metrics.update(value_loss=loss_sum, value_grad_norm=norm)
-        metrics["value_clip_ratio"] = clip_sum / max(clip_count, 1)
+                old = torch.cat(firsts) if firsts else old
+                metrics.update(value_loss=update.loss, value_grad_norm=update.grad_norm)
+            skipped += update.skipped
+        metrics["value_clip_ratio"] = sum(clips) / max(len(clips), 1)
         if skipped:
             metrics["value_skipped_updates"] = float(skipped)
         return old, metrics
+
+    def _pass(
+        self,
+        views: ViewBatch,
+        returns: torch.Tensor,
+        divisors: torch.Tensor,
+        before: torch.Tensor | list[torch.Tensor],
+        spare: ViewBatch,
+        rl_step: int,
+        clips: list[float],
+    ) -> UpdateOutcome:
+        """One optimizer update. ``before``: the pre-update values ``[N, W]`` the loss clips
+        around, or, on the first pass, a list the micro-batches' predictions are put in (the
+        first pass starts at the pre-update values, so it is unclipped)."""
+        size = self.micro_batch_size
+
+        def loss(rows: slice) -> torch.Tensor:
+            chunk = views.select(rows)
+            predicted = scored_values(self.model, self.core, chunk)
+            if isinstance(before, list):
+                before.append(predicted.detach())
+            start = before[-1] if isinstance(before, list) else before[rows]
+            out = value_loss(predicted, start, returns[rows], chunk.scored, chunk.rollout_index,
+                             divisors, self.config.epsilon)  # fmt: skip
+            clips.append(float(out.metrics["value_clip_ratio"]))
+            return out.loss
+
+        def spare_pass() -> torch.Tensor:
+            return scored_values(self.model, self.core, spare).sum()
+
+        chunks = [slice(start, start + size) for start in range(0, len(views), size)]
+        return self.updater(chunks, loss, spare_pass, rl_step)
 
     # -- checkpoints: files next to the policy's, listed in the same manifest -----------------
     def save_state(self, folder: Path) -> None:
@@ -241,6 +287,54 @@ class ValueLearner:
                 )
         self.core.load_state_dict(torch.load(folder / VALUE_STATE, weights_only=True))
         self.optimizer.load_state_dict(torch.load(folder / VALUE_OPTIMIZER, weights_only=True))
+
+
+@dataclass
+class _Outcome:
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+class _OneProcessUpdate:
+    """The updates of a learner used on its own (one process, no trainer): accumulate over the
+    micro-batches, clip, and skip a non-finite update."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        max_grad_norm: float | None,
+    ) -> None:
+        if accelerator.num_processes > 1:
+            raise ValueError("a ValueLearner on several processes needs the trainer's updater")
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.max_grad_norm = max_grad_norm
+
+    def __call__(
+        self,
+        batches: Sequence[Any],
+        loss: Callable[[Any], torch.Tensor],
+        spare: Callable[[], torch.Tensor],
+        step: int,
+    ) -> _Outcome:
+        acc, total = self.accelerator, 0.0
+        for batch in batches:
+            with acc.autocast():
+                out = loss(batch)
+                acc.backward(out)
+            total += float(out.detach())
+        norm = float(acc.clip_grad_norm_(self.model.parameters(),
+                                         self.max_grad_norm or float("inf")))  # fmt: skip
+        skipped = not (math.isfinite(total) and math.isfinite(norm))
+        if skipped:
+            logger.warning("value update skipped: non-finite loss (%s) or gradient norm (%s)",
+                           total, norm)  # fmt: skip
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return _Outcome(total, norm, skipped)
 
 
 def scored_values(
