@@ -115,6 +115,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_path):
     from unmask.train.checkpoint import latest_checkpoint, load_model_weights
     from unmask.train.rl import RLTrainer

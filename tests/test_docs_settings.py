@@ -15,9 +15,10 @@ from repo_root import REPO
 # other configs' fields the table documents beside the class's)
 TABLES = [
     ("rl.md", "## Settings", "unmask.train.rl_config:RLConfig", "", set()),
+    ("sft.md", "## Settings", "unmask.train.sft:SFTConfig", "", set()),
     ("sampling.md", "## Settings", "unmask.sampling.sampler:SamplerConfig", "", set()),
     ("sampling.md", "## The Rollout", "unmask.sampling.rollout:Rollout", "", set()),
-    ("value.md", "## Settings", "unmask.objectives.value.learner:ValueConfig", "", set()),
+    ("value.md", "## Settings", "unmask.objectives.value.config:ValueConfig", "", set()),
     ("scale.md", "## LoRA", "unmask.models.lora:LoRAConfig", "lora.", {"gradient_checkpointing"}),
     ("scale.md", "### What runs sharded", "unmask.train.sharding:FSDPConfig", "fsdp.", set()),
     ("viz.md", "## The trace page", "unmask.viz.trace:TraceConfig", "", set()),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +114,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_fsdp2_trains_as_ddp_and_resumes_on_one_process(tmp_path):
     ddp = _launch("ddp.yaml", tmp_path / "ddp")
     fsdp = _launch("fsdp.yaml", tmp_path / "fsdp")

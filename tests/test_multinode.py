@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -86,6 +87,7 @@ def test_multinode_config_shards_as_the_single_node_one():
     assert multi["num_machines"] > 1 and multi["num_processes"] % multi["num_machines"] == 0
 
 
+@pytest.mark.slow
 def test_two_nodes_of_one_process_train_as_one_node_of_two(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     run = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -22,3 +22,13 @@ def test_the_rl_recipe_takes_every_objective_with_its_defaults(name):
 def test_a_wrong_objective_option_fails_when_the_config_is_read():
     with pytest.raises(ConfigError, match="shrink"):
         load_config(RLConfig, RL_RECIPE, ["objective=agrpo", "objective_options.shrink=2"])
+
+
+def test_the_objective_brings_its_own_trainer_defaults():
+    from unmask.train.rl_config import objective_settings
+
+    cfg = load_config(RLConfig, RL_RECIPE, ["objective=wd1"])
+    settings = objective_settings(cfg, OBJECTIVES["wd1"])
+    assert (settings.num_iterations, settings.scale_rewards) == (8, "none")
+    cfg = load_config(RLConfig, RL_RECIPE, ["objective=wd1", "num_iterations=2"])
+    assert objective_settings(cfg, OBJECTIVES["wd1"]).num_iterations == 2

@@ -10,15 +10,12 @@ from accelerate import Accelerator
 from tiny_rl import assert_same_weights
 from unmask.models import from_preset
 from unmask.objectives import get_objective
-from unmask.objectives.value import (
-    ValueConfig,
-    ValueLearner,
-    ValueModel,
-    scored_values,
-    step_ranks,
-    token_reward_vectors,
-)
+from unmask.objectives.value import ValueConfig, ValueModel, step_ranks, token_reward_vectors
 from unmask.sampling import Sampler, SamplerConfig
+from unmask.train.distributed import Parallel
+from unmask.train.sharding import FSDPConfig
+from unmask.train.update import UpdateGuard, Updater
+from unmask.train.value_learner import ValueLearner, scored_values
 
 PROMPTS = ["12", "hello there", "7", "abcd"]
 
@@ -107,7 +104,9 @@ def _learner(policy, **kw):
     config = ValueConfig(enabled=True, lr=3e-3, **kw)
     core = ValueModel.from_policy(policy)
     optimizer = torch.optim.AdamW(core.parameters(), lr=config.lr)
-    return ValueLearner(config, core, core, optimizer, Accelerator(cpu=True), 1, 16, 1.0)
+    acc = Accelerator(cpu=True)
+    updater = Updater(acc, Parallel(acc, FSDPConfig()), core, optimizer, UpdateGuard(acc, 3), 1.0)
+    return ValueLearner(config, core, updater, 1, 16)
 
 
 @pytest.mark.parametrize(

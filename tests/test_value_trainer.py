@@ -102,7 +102,7 @@ def test_recipe_loads_and_overrides_are_checked():
 
 
 def test_a_non_finite_value_update_is_skipped_by_the_trainers_machinery(tmp_path, monkeypatch):
-    import unmask.objectives.value.learner as learner
+    import unmask.train.value_learner as learner
     from unmask.train.update import Updater
 
     real = learner.value_loss

@@ -147,6 +147,7 @@ class BatchStream:
         self._order = self._permutation()
 
     def take(self, count: int) -> list[int]:
+        """The next ``count`` row indices, starting a new seeded epoch when one runs out."""
         out: list[int] = []
         while len(out) < count:
             if self.index == self.size:
@@ -158,9 +159,11 @@ class BatchStream:
         return out
 
     def state_dict(self) -> dict[str, int]:
+        """The position in the data (epoch, index), saved with checkpoints."""
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at a saved position: the same rows follow as in an uninterrupted run."""
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._permutation()
 

@@ -40,9 +40,11 @@ class Pace:
 
     @property
     def elapsed_s(self) -> float:
+        """Seconds since training started (this process's run only)."""
         return time.perf_counter() - self.began
 
     def out_of_time(self) -> bool:
+        """Whether the optional time cap (``max_time_s``) is spent."""
         return self.max_time_s is not None and self.elapsed_s > self.max_time_s
 
     def tick(self, step: int) -> None:

@@ -172,6 +172,7 @@ class RLTrainer(Run):
         return self.step()
 
     def label(self) -> str:
+        """The run's name on the progress bar and in messages (with the objective)."""
         return f"rl {self.config.objective}"
 
     def postfix(self, logged: dict[str, float]) -> dict[str, str]:

@@ -11,8 +11,7 @@ import torch
 
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.models.lora import has_lora
-from unmask.objectives.value import ValueLearner, ValueModel, token_reward_vectors
-from unmask.objectives.value.learner import TokenReward
+from unmask.objectives.value import TokenReward, ValueModel, token_reward_vectors
 from unmask.sampling.rollout import Rollout
 from unmask.train.common import build_optimizer
 from unmask.train.distributed import Parallel
@@ -20,6 +19,7 @@ from unmask.train.rl_config import RLConfig
 from unmask.train.scoring import Scores
 from unmask.train.sharding import FSDPConfig
 from unmask.train.update import UpdateGuard, Updater
+from unmask.train.value_learner import ValueLearner
 from unmask.train.view_updates import trained_views
 
 
@@ -52,8 +52,7 @@ def value_learner(config: RLConfig, policy: DiffusionLM, accelerator: Any) -> Va
     updater = Updater(accelerator, Parallel(accelerator, FSDPConfig()), model, optimizer, guard,
                       config.max_grad_norm)  # fmt: skip
     shrink = vcfg.shrink or int(config.objective_options.get("shrink", 1))
-    return ValueLearner(vcfg, model, core, optimizer, accelerator, shrink,
-                        config.micro_batch_size, config.max_grad_norm, updater)  # fmt: skip
+    return ValueLearner(vcfg, core, updater, shrink, config.micro_batch_size)
 
 
 def token_advantages(
@@ -98,5 +97,6 @@ class WithValue:
         self.policy, self.value = policy, value
 
     def save_pretrained(self, path: str | Path) -> None:
+        """Save the policy, then the value model's files beside it."""
         self.policy.save_pretrained(path)
         self.value.save_state(Path(path))

@@ -83,6 +83,7 @@ class Run:
         return {}
 
     def label(self) -> str:
+        """The run's name on the progress bar and in messages."""
         return self.name
 
     def eval_options(self) -> dict[str, Any]:
@@ -110,6 +111,8 @@ class Run:
         return self.elapsed_before + (self.pace.elapsed_s if self.pace is not None else 0.0)
 
     def train(self) -> Path:
+        """Train to ``max_steps`` (or the time cap), from the latest checkpoint when resuming;
+        returns the final model folder."""
         cfg, acc = self.config, self.accelerator
         start = self._resume()
         main = acc.is_main_process

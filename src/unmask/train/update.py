@@ -53,6 +53,7 @@ class UpdateGuard:
 
     @property
     def failing(self) -> bool:
+        """Whether ``limit`` updates in a row were skipped: the run is diverging."""
         return self.in_a_row >= self.limit
 
     def error(self, step: int, output_dir: Path) -> RuntimeError:

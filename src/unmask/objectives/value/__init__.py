@@ -2,16 +2,16 @@
 
 :class:`ValueModel` (the policy's backbone with a zero-initialised scalar head),
 :mod:`.returns` (token rewards, returns and GAE over trace steps, the clipped value loss) and
-:class:`ValueLearner` (the value model's part of an RL step). See docs/value.md.
+:mod:`.config` (its settings, per-token rewards). The learner that trains it is
+:class:`unmask.train.value_learner.ValueLearner`. See docs/value.md.
 """
 
 from __future__ import annotations
 
-from unmask.objectives.value.learner import (
+from unmask.objectives.value.config import (
+    TokenReward,
     ValueConfig,
-    ValueLearner,
     load_token_reward,
-    scored_values,
     token_reward_vectors,
 )
 from unmask.objectives.value.model import ValueModel
@@ -26,13 +26,12 @@ from unmask.objectives.value.returns import (
 )
 
 __all__ = [
+    "TokenReward",
     "ValueConfig",
-    "ValueLearner",
     "ValueModel",
     "explained_variance",
     "gae",
     "load_token_reward",
-    "scored_values",
     "step_ranks",
     "token_returns",
     "token_reward_vectors",
