@@ -6,14 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from unmask.models.lora import LoRAConfig
 from unmask.objectives import LOSS_TYPES, OBJECTIVES, Capabilities, check_options
 from unmask.objectives.advantages import SCALE_REWARDS
 from unmask.objectives.value import ValueConfig
 from unmask.sampling.sampler import SamplerConfig
 from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.train.curriculum import CurriculumStage, check_curriculum
-from unmask.train.sharding import FSDPConfig
+from unmask.train.run_config import RunConfig
 
 
 @dataclass
@@ -43,7 +42,7 @@ class RLEval:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(RunConfig):
     """``unmask rl``: every field, with TRL's names where they mean the same.
 
     A step samples ``num_prompts`` prompts per process, ``num_generations`` completions each.
@@ -63,25 +62,15 @@ class RLConfig:
     diffusion_gemma.md), whose objectives are the per-step ``tracerl`` and ``agrpo``.
     """
 
-    model: str = "micro-block"
     output_dir: str = "runs/rl"
-    resume: str | None = None
-    seed: int = 0
     data: RLData = field(default_factory=RLData)
-    block_size: int | None = None
     curriculum: list[CurriculumStage] = field(default_factory=list)
     objective: str = "tracerl"
     objective_options: dict[str, Any] = field(default_factory=dict)
-    max_steps: int = 100
     num_prompts: int = 8
     num_generations: int = 8
     num_iterations: int | None = None
     micro_batch_size: int = 64
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
     beta: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
@@ -91,25 +80,12 @@ class RLConfig:
     drop_zero_std_groups: bool = False
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(temperature=1.0))
     step_sampler: StepSamplerConfig = field(default_factory=StepSamplerConfig)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    cpu: bool = False
-    lora: LoRAConfig | None = None
-    gradient_checkpointing: bool = False
-    cpu_threads: int | None = None  # None: 1 for models under 5M parameters on CPU
-    save_every: int = 0
-    keep_last: int = 2
-    max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
-    max_time_s: float | None = None  # stop early, saving the final model, after this long
-    log_every: int = 1
-    report_to: list[str] = field(default_factory=list)
-    progress: bool = True
-    plots: bool = True  # PNGs of the metrics in OUTPUT_DIR/plots at the end
     eval: RLEval = field(default_factory=RLEval)
     value_model: ValueConfig = field(default_factory=ValueConfig)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "num_prompts", "micro_batch_size", "max_bad_steps"):
+        super().__post_init__()
+        for name in ("num_prompts", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_iterations is not None and self.num_iterations < 1:
@@ -135,8 +111,6 @@ class RLConfig:
             )
         if self.beta < 0 or self.epsilon <= 0:
             raise ValueError("beta must be >= 0 and epsilon > 0")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1 or null, got {self.block_size}")
         check_curriculum(self.curriculum)
         if self.value_model.enabled:
             traced = sorted(n for n, cls in OBJECTIVES.items() if cls.scores_trace_states)

@@ -29,7 +29,6 @@ from accelerate.utils import set_seed
 from transformers import PreTrainedTokenizerBase, get_cosine_schedule_with_warmup
 
 from unmask.models.diffusion_lm import DiffusionLM
-from unmask.models.lora import LoRAConfig
 from unmask.objectives.sft_loss import Noise, SFTLoss, resolve_objective, sample_noise, sft_loss
 from unmask.objectives.views import SequenceBatch, collate
 from unmask.sampling.sampler import SamplerConfig, pad_id
@@ -44,7 +43,8 @@ from unmask.train.common import (
 )
 from unmask.train.distributed import Parallel
 from unmask.train.run import Run
-from unmask.train.sharding import FSDPConfig, resolve_fsdp
+from unmask.train.run_config import RunConfig
+from unmask.train.sharding import resolve_fsdp
 from unmask.train.update import UpdateGuard, Updater
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class SFTEval:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
     """``unmask sft``: every field, with the CPU-friendly defaults of a tiny model.
 
     ``batch_size`` is per process and per micro-batch: an optimizer step sees
@@ -94,12 +94,8 @@ class SFTConfig:
     saving the final model, after that many seconds.
     """
 
-    model: str = "micro-block"
     output_dir: str = "runs/sft"
-    resume: str | None = None
-    seed: int = 0
     data: SFTData = field(default_factory=SFTData)
-    block_size: int | None = None
     objective: Literal["auto", "random_mask", "block"] = "auto"
     elbo_weight: bool = True
     t_min: float = 1e-3
@@ -108,40 +104,17 @@ class SFTConfig:
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
-    weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    cpu: bool = False
-    lora: LoRAConfig | None = None
-    gradient_checkpointing: bool = False
-    cpu_threads: int | None = None  # None: 1 for models under 5M parameters on CPU
-    save_every: int = 0  # 0: no intermediate checkpoints
-    keep_last: int = 2
-    max_bad_steps: int = 3  # stop after this many non-finite (skipped) updates in a row
-    max_time_s: float | None = None  # stop early, saving the final model, after this long
     log_every: int = 10
-    report_to: list[str] = field(default_factory=list)
-    progress: bool = True
-    plots: bool = True  # PNGs of the metrics in OUTPUT_DIR/plots at the end
     eval: SFTEval = field(default_factory=SFTEval)
-    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "keep_last", "log_every",
-                     "max_bad_steps"):  # fmt: skip
+        super().__post_init__()
+        for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.block_size is not None and self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1 or null, got {self.block_size}")
-        for name in ("warmup_steps", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.t_min <= self.t_max <= 1.0:
             raise ValueError(f"need 0 < t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
-        if len(self.adam_betas) != 2:
-            raise ValueError(f"adam_betas must be two numbers, got {self.adam_betas}")
         if self.eval.every < 0:
             raise ValueError(f"eval.every must be >= 0, got {self.eval.every}")
 

@@ -22,9 +22,9 @@ from unmask.integrity import CheckpointError
 from unmask.objectives.base import ViewBatch
 from unmask.objectives.loss import global_normalizers
 from unmask.objectives.tracerl import TraceRL
-from unmask.objectives.value.config import ValueConfig
-from unmask.objectives.value.model import ValueModel
-from unmask.objectives.value.returns import (
+from unmask.objectives.value import (
+    ValueConfig,
+    ValueModel,
     explained_variance,
     gae,
     step_ranks,
