@@ -26,12 +26,12 @@ from transformers.cache_utils import DynamicCache
 
 from unmask.integrity import verify_model_folder
 from unmask.models.diffusion_gemma_presets import GEMMA_PRESETS, build_gemma_preset
-from unmask.models.placement import resolve_device, resolve_dtype
+from unmask.models.placement import Placed, resolve_device, resolve_dtype
 from unmask.models.saving import save_folder
 from unmask.models.tokenizer import load_tokenizer
 
 
-class DiffusionGemma(nn.Module):
+class DiffusionGemma(Placed):
     """A ``DiffusionGemmaForBlockDiffusion`` plus its tokenizer.
 
     ``noise = "uniform"`` is the capability the sampler, objectives and commands dispatch on:
@@ -77,20 +77,6 @@ class DiffusionGemma(nn.Module):
     def hidden_size(self) -> int:
         """Width of the text layers: the last dimension of a self-conditioning embedding."""
         return int(self.model.config.text_config.hidden_size)
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights are (the sampler puts its tensors there)."""
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The weights' dtype."""
-        return next(self.parameters()).dtype
-
-    def num_parameters(self) -> int:
-        """Every parameter counted (adapters included), for logs and reports."""
-        return sum(p.numel() for p in self.parameters())
 
     # -- the two forwards ------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:

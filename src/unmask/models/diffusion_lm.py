@@ -25,7 +25,6 @@ from typing import Any, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
@@ -41,7 +40,7 @@ from unmask.models.attention import (
 )
 from unmask.models.convert import find_family_checkpoint, load_family
 from unmask.models.lora import load_lora
-from unmask.models.placement import resolve_device, resolve_dtype
+from unmask.models.placement import Placed, resolve_device, resolve_dtype
 from unmask.models.presets import PRESETS, build_preset
 from unmask.models.saving import save_folder
 from unmask.models.tokenizer import load_tokenizer, resolve_mask_token_id
@@ -92,7 +91,7 @@ class DiffusionSettings:
         return cls(**data)
 
 
-class DiffusionLM(nn.Module):
+class DiffusionLM(Placed):
     """A causal-LM backbone plus the settings that make it a mask predictor.
 
     ``noise = "mask"`` is the capability samplers, objectives and commands dispatch on: a
@@ -152,20 +151,6 @@ class DiffusionLM(nn.Module):
     def shift_logits(self) -> bool:
         """Whether position i is predicted from the hidden state at i-1 (Dream, DiffuCoder)."""
         return self.settings.shift_logits
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights are (the sampler puts its tensors there)."""
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The weights' dtype (additive attention masks are built in it)."""
-        return next(self.parameters()).dtype
-
-    def num_parameters(self) -> int:
-        """Every parameter counted (adapters included), for logs and reports."""
-        return sum(p.numel() for p in self.parameters())
 
     def set_block_size(self, block_size: int) -> None:
         """Use ``block_size`` from now on (block-size adaptation: TraceRL moved TraDo from
