@@ -33,7 +33,14 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     from unmask.models import from_preset
-    from unmask.objectives import get_objective, normalizers, policy_loss, token_logprobs
+    from unmask.objectives import (
+        ClipConfig,
+        LossInputs,
+        get_objective,
+        normalizers,
+        policy_loss,
+        token_logprobs,
+    )
     from unmask.sampling import Sampler, SamplerConfig
 
     torch.set_num_threads(args.threads)
@@ -63,7 +70,7 @@ def run_one(args: argparse.Namespace) -> dict:
     for first in range(0, len(views), args.micro_batch):
         chunk = views.select(slice(first, first + args.micro_batch))
         logp = token_logprobs(model, chunk, len(chunk), **kw)
-        out = policy_loss(
+        inputs = LossInputs(
             logp,
             logp.detach() if old is None else old[first : first + args.micro_batch],
             advantages,
@@ -71,9 +78,9 @@ def run_one(args: argparse.Namespace) -> dict:
             chunk.weights,
             chunk.rollout_index,
             divisors,
-            level=objective.importance_sampling_level,
             lengths=rollout.completion_lengths,
         )
+        out = policy_loss(inputs, ClipConfig(level=objective.importance_sampling_level))
         out.loss.backward()
         scored += int(chunk.scored.sum())
     optimizer.step()

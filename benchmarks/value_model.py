@@ -24,7 +24,13 @@ from typing import Any
 
 import torch
 
-from unmask.objectives import group_advantages, normalizers, policy_loss, token_logprobs
+from unmask.objectives import (
+    LossInputs,
+    group_advantages,
+    normalizers,
+    policy_loss,
+    token_logprobs,
+)
 from unmask.objectives.tracerl import TraceRL
 from unmask.objectives.value import ValueConfig
 from unmask.sampling import SamplerConfig
@@ -94,8 +100,9 @@ def gradient_variance(args: argparse.Namespace, trainer: RLTrainer) -> None:
         for name, advantages in (("group", adv.advantages), ("value", token_adv)):
             per_token = views.per_token(advantages)
             logp = token_logprobs(policy, views, 64, temperature=1.0)
-            loss = policy_loss(logp, logp.detach(), per_token, views.scored, views.weights,
-                               views.rollout_index, divisors).loss  # fmt: skip
+            inputs = LossInputs(logp, logp.detach(), per_token, views.scored, views.weights,
+                                views.rollout_index, divisors)  # fmt: skip
+            loss = policy_loss(inputs).loss
             flat = torch.cat([x.flatten() for x in torch.autograd.grad(loss, params)])
             grads[name].append(flat.double())
     stats = {}

@@ -25,7 +25,14 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from unmask.models.diffusion_lm import DiffusionLM, DiffusionSettings
-from unmask.objectives import get_objective, normalizers, policy_loss, token_logprobs
+from unmask.objectives import (
+    ClipConfig,
+    LossInputs,
+    get_objective,
+    normalizers,
+    policy_loss,
+    token_logprobs,
+)
 from unmask.sampling import Sampler, SamplerConfig
 
 ANCHORS = [
@@ -151,12 +158,13 @@ def train_row(model: DiffusionLM, name: str, objective_name: str, args: argparse
             logp = token_logprobs(model, chunk, len(chunk), **kw)
             old = logp.detach() if objective.old_logprobs == "recompute" else sampled[
                 first : first + args.micro_batch].to(logp.device)  # fmt: skip
-            policy_loss(
+            inputs = LossInputs(
                 logp, old, advantages.to(logp.device), chunk.scored.to(logp.device),
                 chunk.weights.to(logp.device), chunk.rollout_index.to(logp.device),
-                divisors.to(logp.device), level=objective.importance_sampling_level,
-                lengths=rollout.completion_lengths.to(logp.device),
-            ).loss.backward()  # fmt: skip
+                divisors.to(logp.device), lengths=rollout.completion_lengths.to(logp.device),
+            )  # fmt: skip
+            clip = ClipConfig(level=objective.importance_sampling_level)
+            policy_loss(inputs, clip).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if torch.cuda.is_available():
