@@ -12,9 +12,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from unmask.config import ConfigError, load_config
 from unmask.errors import UserError
@@ -137,21 +138,21 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def _sft(args: argparse.Namespace) -> int:
     from unmask.train.sft import SFTConfig, train_sft
 
-    config = load_config(SFTConfig, args.config, _train_overrides(args))
-    check_output_dir(config.output_dir)
-    final = train_sft(config)
-    print(f"final model: {final}")
-    return 0
+    return _train(SFTConfig, train_sft, args)
 
 
 def _rl(args: argparse.Namespace) -> int:
     from unmask.train.rl import train_rl
     from unmask.train.rl_config import RLConfig
 
-    config = load_config(RLConfig, args.config, _train_overrides(args))
+    return _train(RLConfig, train_rl, args)
+
+
+def _train(config_class: type[Any], train: Callable[[Any], Path], args: argparse.Namespace) -> int:
+    """A trainer's command: config, a folder that will not overwrite a run, the run."""
+    config = load_config(config_class, args.config, _train_overrides(args))
     check_output_dir(config.output_dir)
-    final = train_rl(config)
-    print(f"final model: {final}")
+    print(f"final model: {train(config)}")
     return 0
 
 
