@@ -13,6 +13,7 @@ from tiny_rl import assert_same_weights, read_metrics, untimed
 from unmask.models.diffusion_gemma import DiffusionGemma, gemma_preset
 from unmask.models.loading import load_model
 from unmask.models.lora import PROJECTIONS, LoRAConfig, add_lora, has_lora, merge_lora
+from unmask.models.saving import save_model
 from unmask.objectives.step_objectives import get_step_objective
 from unmask.objectives.step_replay import step_logprobs
 from unmask.sampling.step_sampler import StepSampler, StepSamplerConfig
@@ -90,6 +91,34 @@ def test_lora_trains_only_adapters(tmp_path):
     final = trainer.train()  # saves the adapters, then the merged native model
     assert (final.parent / "final_lora" / "adapter").is_dir()
     assert load_model(final, device="cpu").noise == "uniform"
+    adapted = load_model(final.parent / "final_lora", device="cpu")  # adapters attached
+    assert has_lora(adapted) and adapted.noise == "uniform"
+    rollout = StepSampler(SAMPLER).generate(adapted, ["12+3=", "abc"])
+    views = get_step_objective("tracerl").views(rollout)
+    with torch.no_grad():
+        reloaded = step_logprobs(adapted, rollout, views)
+        merged = step_logprobs(trainer.core, rollout, views)  # train() merged it in place
+    torch.testing.assert_close(reloaded, merged, atol=2e-5, rtol=0)
+
+
+def test_a_lora_folder_loads_back_with_its_adapters(tmp_path):
+    """What a LoRA run writes (``final_lora/``, checkpoints) loads through ``load_model`` with
+    its adapters attached and trainable: the same weights, ties and log-probs, bit for bit."""
+    model = _adapted(toy_model())
+    save_model(model, tmp_path / "final_lora")
+    loaded = load_model(tmp_path / "final_lora", device="cpu")
+    assert isinstance(loaded, DiffusionGemma) and has_lora(loaded)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trainable)
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))  # still tied
+    rollout = StepSampler(SAMPLER).generate(model, ["12+3=", "abc"])
+    again = StepSampler(SAMPLER).generate(loaded, ["12+3=", "abc"])
+    assert torch.equal(again.completion_ids, rollout.completion_ids)
+    views = get_step_objective("tracerl").views(rollout)
+    with torch.no_grad():
+        before, after = (step_logprobs(m, rollout, views) for m in (model, loaded))
+    assert torch.equal(after, before)
 
 
 def test_masked_only_options_are_refused(tmp_path):
@@ -102,11 +131,7 @@ def test_masked_only_options_are_refused(tmp_path):
 def test_lora_adapters_are_shared_by_encoder_and_decoder_and_merge_exactly():
     """The decoder's layers are the encoder's weights: one adapter each, so the merged model
     (a plain native one) computes what the adapted one did."""
-    model = add_lora(toy_model(), LoRAConfig(r=4, dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    model = _adapted(toy_model())
     adapted = {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == set(PROJECTIONS)
     assert not any("vision_tower" in n for n, _ in model.named_parameters() if "lora_" in n)
@@ -117,3 +142,13 @@ def test_lora_adapters_are_shared_by_encoder_and_decoder_and_merge_exactly():
         merge_lora(model)
         assert not has_lora(model) and model.native is model.model
         torch.testing.assert_close(step_logprobs(model, rollout, views), before, atol=2e-5, rtol=0)
+
+
+def _adapted(model: DiffusionGemma) -> DiffusionGemma:
+    """``model`` with rank-4 adapters whose ``B`` is random (a fresh adapter adds nothing)."""
+    model = add_lora(model, LoRAConfig(r=4, dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    return model

@@ -75,6 +75,26 @@ def test_trace_records_each_step(model):
     assert (trace.logprobs <= 0).all() and (trace.logprobs[~trace.accepted] == 0).all()
 
 
+def test_on_step_changes_nothing_and_shows_each_step(model):
+    """The hook sees every step (the finished canvases final, the current one's argmax) and
+    the tokens and trace are those of a run without it."""
+    config = _config(seed=3)
+    updates = []
+    watched = StepSampler(config).generate(model, PROMPTS, on_step=updates.append)
+    plain = StepSampler(config).generate(model, PROMPTS)
+    assert torch.equal(watched.completion_ids, plain.completion_ids)
+    assert torch.equal(watched.trace.logprobs, plain.trace.logprobs)
+    assert [u.nfe for u in updates] == list(range(1, plain.nfe + 1))
+    length = model.canvas_length
+    for update in updates:
+        done = update.block * length
+        assert torch.equal(update.outputs, plain.completion_ids[:, :done])
+    # the last canvas's output is its last argmax, up to the padding after an EOS
+    kept = plain.completion_mask[:, -length:]
+    assert kept.any() and not kept.all()
+    assert torch.equal(updates[-1].argmax[kept], plain.completion_ids[:, -length:][kept])
+
+
 def test_sampler_leaves_the_global_random_state(model):
     torch.manual_seed(5)
     before = torch.rand(3)

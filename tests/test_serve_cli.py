@@ -49,3 +49,12 @@ def test_serve_runs_the_app_with_uvicorn(monkeypatch):
     assert (options["host"], options["port"]) == ("0.0.0.0", 1234)
     paths = set(app.openapi()["paths"])
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= paths
+
+
+def test_a_uniform_noise_model_takes_step_sampler_settings(served):
+    args = ["serve", "diffusion-gemma-nano", "step_sampler.max_denoising_steps=8"]
+    assert cli.main(args) == 0
+    assert (served[0].model, served[0].step_sampler.max_denoising_steps) == (
+        "diffusion-gemma-nano",
+        8,
+    )

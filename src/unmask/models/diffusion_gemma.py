@@ -21,11 +21,16 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import DiffusionGemmaForBlockDiffusion, PreTrainedTokenizerBase
+from transformers import (
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    PreTrainedTokenizerBase,
+)
 from transformers.cache_utils import DynamicCache
 
 from unmask.integrity import verify_model_folder
 from unmask.models.diffusion_gemma_presets import GEMMA_PRESETS, build_gemma_preset
+from unmask.models.lora import load_lora
 from unmask.models.placement import Placed, resolve_device, resolve_dtype
 from unmask.models.saving import save_folder
 from unmask.models.tokenizer import load_tokenizer
@@ -151,17 +156,27 @@ class DiffusionGemma(Placed):
         device: str | torch.device = "auto",
     ) -> DiffusionGemma:
         """A preset name (:mod:`unmask.models.diffusion_gemma_presets`), a local folder or a
-        hub name with a native DiffusionGemma checkpoint."""
+        hub name with a native DiffusionGemma checkpoint. A LoRA folder (what a LoRA run
+        writes as ``final_lora/`` and its checkpoints: :mod:`unmask.models.lora`) loads with
+        its adapters attached and trainable, as a ``DiffusionLM``'s does."""
         name = str(name_or_path)
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         if name in GEMMA_PRESETS and not Path(name).exists():
             return gemma_preset(name).to(device=device, dtype=torch_dtype)
         verify_model_folder(Path(name))  # a folder with checkpoint.json: sizes and SHA-256
+        tokenizer = load_tokenizer(name)
+        config = DiffusionGemmaConfig.from_pretrained(name, trust_remote_code=False)
+        if getattr(config, "lora", None):
+            lora = load_lora(
+                Path(name), config, lambda base: cls(base, tokenizer), torch_dtype,
+                build=DiffusionGemmaForBlockDiffusion,
+            )  # fmt: skip
+            return lora.to(device)  # type: ignore[return-value]
         model = DiffusionGemmaForBlockDiffusion.from_pretrained(
-            name, dtype=torch_dtype, trust_remote_code=False
+            name, config=config, dtype=torch_dtype, trust_remote_code=False
         )
-        return cls(model.eval(), load_tokenizer(name)).to(device)
+        return cls(model.eval(), tokenizer).to(device)
 
 
 def gemma_preset(

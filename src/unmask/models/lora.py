@@ -225,12 +225,14 @@ def load_lora(
     config: PretrainedConfig,
     wrap: Callable[[PreTrainedModel], DiffusionLM],
     dtype: torch.dtype,
+    build: Callable[[PretrainedConfig], PreTrainedModel] | None = None,
 ) -> DiffusionLM:
     """A LoRA folder written by :func:`save_lora`, adapters trainable, in ``dtype`` (adapters
     stay fp32 when ``dtype`` is a half type, as ``peft`` keeps them).
 
-    ``wrap`` makes the model wrapper around the (still empty) base network: the wrapper's own
-    loader passes it, so this module, which the wrapper imports, does not import the wrapper.
+    ``wrap`` makes the model wrapper around the (still empty) base network and ``build`` that
+    network from its config (default: the causal-LM class the config names): the wrapper's own
+    loader passes them, so this module, which the wrapper imports, does not import the wrapper.
     """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -239,14 +241,18 @@ def load_lora(
     lora = LoRAConfig(**config.lora)
     del config.lora
     with init_empty_weights():
-        base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        if build is None:
+            base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        else:
+            base = build(config)
+    base.tie_weights()  # tied names share one parameter, as in the model that was saved
     model = add_lora(wrap(base), lora)
     state = load_file(str(path / WEIGHTS))
     own = model.model.state_dict()
     unknown = sorted(set(state) - set(own))
     if unknown:
         raise ValueError(f"{path / WEIGHTS} has tensors this LoRA model lacks: {unknown[:5]}")
-    model.model.load_state_dict(state, assign=True, strict=False)
+    model.model.load_state_dict(_with_tied_names(state, model.model), assign=True, strict=False)
     model.model.get_base_model().tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
@@ -257,6 +263,24 @@ def load_lora(
         if "lora_" in name and dtype in (torch.bfloat16, torch.float16):
             param.data = param.data.float()
     return model.eval()
+
+
+def _with_tied_names(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` plus, for each tensor it holds, the model's other names of that parameter.
+
+    safetensors stores a shared tensor under one of its names, not necessarily the one the
+    model's ``tie_weights`` copies from (a DiffusionGemma ties its encoder to its decoder and
+    its decoder's embeddings to the LM head), so every name is given the saved tensor.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    full = dict(state)
+    for group in names.values():
+        saved = next((state[n] for n in group if n in state), None)
+        if saved is not None:
+            full.update({n: saved for n in group if n not in full})
+    return full
 
 
 def quantization_config() -> Any:

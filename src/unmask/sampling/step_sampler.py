@@ -80,11 +80,14 @@ class StepSamplerConfig:
 @dataclass
 class StepUpdate:
     """One denoising step, for ``generate(on_step=...)``: ``argmax`` ``[B, L]`` is the
-    canvas's current best guess (what the native streamer shows as the draft)."""
+    canvas's current best guess (what the native streamer shows as the draft, it can still
+    change); ``outputs`` ``[B, block * L]`` are the finished canvases before it, final (the
+    rollout's ``completion_ids`` start with them), so a server can stream them as text."""
 
     nfe: int
     block: int
     argmax: torch.Tensor
+    outputs: torch.Tensor
 
 
 class StepSampler:
@@ -102,7 +105,7 @@ class StepSampler:
     ) -> StepRollout:
         """Sample after each prompt (text or token ids); prompts are left-padded."""
         encoded = encode_prompts(model, prompts)  # type: ignore[arg-type]
-        pad_id = (_special_ids(model, "pad_token_id") or [0])[0]
+        pad_id = (special_ids(model, "pad_token_id") or [0])[0]
         width = max(len(p) for p in encoded)
         ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         mask = torch.zeros(ids.shape, dtype=torch.bool)
@@ -123,8 +126,8 @@ class StepSampler:
         cfg, device = self.config, prompt.device
         b, p_len = prompt.shape
         length, vocab, n = model.canvas_length, model.vocab_size, cfg.max_denoising_steps
-        eos = _special_ids(model, "eos_token_id")
-        pad = (_special_ids(model, "pad_token_id") or [None])[0]
+        eos = special_ids(model, "eos_token_id")
+        pad = (special_ids(model, "pad_token_id") or [None])[0]
         sampler = EntropyBoundSampler(
             EntropyBoundSamplerConfig(entropy_bound=float(cfg.entropy_bound)), length, vocab, n
         )
@@ -180,7 +183,7 @@ class StepSampler:
                 sc = model.soft_embedding(sc_logits)
                 canvas, argmax = renoised, new_argmax
                 if on_step is not None:
-                    on_step(StepUpdate(nfe, block, argmax.clone()))
+                    on_step(StepUpdate(nfe, block, argmax.clone(), _joined(outputs, prompt)))
                 if stopped.all():
                     break
             output = argmax.clone()
@@ -233,6 +236,11 @@ def _to_rollout(
     )  # fmt: skip
 
 
+def _joined(outputs: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """The canvases' outputs so far as one ``[B, n * L]`` tensor (``[B, 0]`` before any)."""
+    return torch.cat(outputs, dim=1) if outputs else like.new_zeros((like.shape[0], 0))
+
+
 def _pad_finished(
     output: torch.Tensor, is_eos: torch.Tensor, finished: torch.Tensor, pad: int
 ) -> torch.Tensor:
@@ -251,7 +259,7 @@ def _zeros_or(
     return torch.zeros(*canvas.shape, model.hidden_size, dtype=model.dtype, device=canvas.device)
 
 
-def _special_ids(model: DiffusionGemma, name: str) -> list[int]:
+def special_ids(model: DiffusionGemma, name: str) -> list[int]:
     """A special id (or ids) from the generation config, as the native ``generate`` reads
     them; empty when it has none."""
     value = getattr(model.model.generation_config, name, None)

@@ -29,11 +29,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unmask.models.diffusion_lm import DiffusionLM
-from unmask.sampling.sampler import StepView
+from unmask.models.loading import DiffusionModel, load_model
 from unmask.serve.batcher import Batcher, Overloaded
 from unmask.serve.chat import render_chat, resolve_template
 from unmask.serve.config import ServeConfig
+from unmask.serve.decoding import Progress
 from unmask.serve.engine import Choice, Engine, Job
 from unmask.serve.protocol import (
     APIError,
@@ -47,10 +47,11 @@ STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 503: "serve
 T = TypeVar("T")
 
 
-def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI:
-    """The server's ASGI app over ``model`` (loaded from ``config.model`` when not given)."""
+def create_app(config: ServeConfig, model: DiffusionModel | None = None) -> FastAPI:
+    """The server's ASGI app over ``model`` (loaded from ``config.model`` when not given: a
+    mask predictor or a uniform-noise model, whichever the name or folder holds)."""
     if model is None:
-        model = DiffusionLM.from_pretrained(config.model, dtype=config.dtype, device=config.device)
+        model = load_model(config.model, dtype=config.dtype, device=config.device)
     model.eval()
     engine = Engine(model, config)
     template = resolve_template(engine.tokenizer, config.chat_template)
@@ -109,6 +110,7 @@ def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
         _check_request(body, config.model_name)
+        engine.check_fields(body)
         texts = body.prompts()
         engine.check_size(texts, body.n or 1, "prompt")
         prompts = await off_loop(lambda: engine.encode(texts, "prompt"))
@@ -118,6 +120,7 @@ def create_app(config: ServeConfig, model: DiffusionLM | None = None) -> FastAPI
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         _check_request(body, config.model_name)
+        engine.check_fields(body)
         messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
         engine.check_rows(1, body.n or 1, "messages")
         prompts = await off_loop(lambda: _chat_prompt(engine, template, messages))
@@ -183,11 +186,10 @@ async def _answer(
         _cancel_on_disconnect(request, future)
         return reply.full(await _result(future))
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[StepView | None] = asyncio.Queue()
+    queue: asyncio.Queue[Progress | None] = asyncio.Queue()
 
-    def emit(view: StepView) -> None:  # called in the worker thread
-        view = StepView(view.nfe, view.block, view.completion_ids.cpu())
-        loop.call_soon_threadsafe(queue.put_nowait, view)
+    def emit(progress: Progress) -> None:  # called in the worker thread
+        loop.call_soon_threadsafe(queue.put_nowait, progress.cpu())
 
     job.emit = emit
     future = _submit(batcher, job)  # refused here, before the stream starts: a plain 503
@@ -299,12 +301,12 @@ class _Reply:
 
     async def stream(
         self,
-        queue: asyncio.Queue[StepView | None],
+        queue: asyncio.Queue[Progress | None],
         future: asyncio.Future[list[Choice]],
         canvas: bool,
         usage: bool,
     ) -> AsyncIterator[str]:
-        """Token deltas as the left run of committed tokens grows; optionally every canvas."""
+        """Token deltas as the left run of final tokens grows; optionally every canvas."""
         detok = self.job.detok
         rows = self.job.rows
         sent = [""] * rows
@@ -314,7 +316,8 @@ class _Reply:
                 for i in range(rows):
                     yield self._chunk(i, None)
             while (view := await queue.get()) is not None:
-                for i, ids in enumerate(view.completion_ids.tolist()):
+                pairs = zip(view.final.tolist(), view.draft.tolist(), strict=True)
+                for i, (ids, draft) in enumerate(pairs):
                     if done[i]:
                         continue
                     settled = detok.settle(ids, complete=False)
@@ -323,7 +326,7 @@ class _Reply:
                     sent[i] += delta
                     picture = None
                     if canvas:
-                        shown, tokens = detok.canvas(ids)
+                        shown, tokens = detok.canvas(draft)
                         picture = {
                             "step": view.nfe,
                             "block": view.block,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from unmask.sampling.sampler import SamplerConfig
+from unmask.sampling.step_sampler import StepSamplerConfig
 
 
 @dataclass
@@ -15,6 +16,9 @@ class ServeConfig:
     ``sampler.gen_length`` is the default ``max_tokens`` and ``sampler.temperature`` the default
     temperature: 0, greedy, unlike OpenAI's 1); ``sampler.cache`` and ``sampler.stop_at_eos``
     apply to every request, and ``sampler.seed`` seeds the server's stream of batch seeds.
+    A uniform-noise model (DiffusionGemma) reads ``step_sampler`` instead, in the same roles
+    (``step_sampler.max_new_tokens`` is its default ``max_tokens``; a request's temperature
+    scales its ``t_min`` .. ``t_max`` schedule; see :mod:`unmask.serve.uniform`).
     """
 
     model: str = "tiny-block"
@@ -32,6 +36,7 @@ class ServeConfig:
     mask_placeholder: str = "_"  # how still-masked tokens show in a streamed canvas
     log_level: str = "info"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    step_sampler: StepSamplerConfig = field(default_factory=StepSamplerConfig)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

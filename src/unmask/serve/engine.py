@@ -1,29 +1,33 @@
 """The model side of the server: requests become sampler jobs, batches become choices.
 
-``Engine.check_size`` bounds a request's prompts (count, characters) before any tokenising;
-``Engine.prepare`` checks the token ids against the model (context length) and turns the
-request into a ``Job``: prompt ids, ``n``, and the ``SamplerConfig`` it needs. Jobs whose
-configs are equal share a sampler call (``Job.key``); ``Engine.run`` runs one such batch in the
-worker thread and splits the rollout back into each job's choices. A cancelled job (its client
-left) is dropped at the next denoising step: its rows' results are discarded, and a batch
-whose jobs are all cancelled stops there.
+``Engine.check_fields`` refuses what the model's kind cannot honour and ``Engine.check_size``
+bounds a request's prompts (count, characters), both before any tokenising; ``Engine.prepare``
+checks the token ids against the model (context length) and turns the request into a ``Job``:
+prompt ids, ``n``, and the sampler config it needs. Jobs whose configs are equal share a
+sampler call (``Job.key``); ``Engine.run`` runs one such batch in the worker thread and splits
+the rollout back into each job's choices. A cancelled job (its client left) is dropped at the
+next denoising step: its rows' results are discarded, and a batch whose jobs are all
+cancelled stops there. What differs by the model's ``noise`` (mask or uniform) lives in a
+``Decoding`` (:mod:`unmask.serve.decoding`, :mod:`unmask.serve.uniform`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from unmask.models.diffusion_lm import DiffusionLM
-from unmask.sampling.sampler import Sampler, SamplerConfig, StepView, encode_prompts
+from unmask.models.loading import DiffusionModel
+from unmask.sampling.sampler import SamplerConfig, encode_prompts
+from unmask.sampling.step_sampler import StepSamplerConfig
 from unmask.serve.config import ServeConfig
-from unmask.serve.protocol import APIError, DiffusionOptions, GenerationRequest
+from unmask.serve.decoding import Decoding, MaskedDecoding, Progress
+from unmask.serve.protocol import APIError, GenerationRequest
 from unmask.serve.text import Detokenizer
+from unmask.serve.uniform import UniformDecoding
 
 # The default max_prompt_chars: generous characters per token (real text averages 1 to 5), so a
 # prompt refused for its characters would have been refused for its tokens anyway.
@@ -44,10 +48,10 @@ class Job:
 
     prompts: list[list[int]]
     n: int
-    config: SamplerConfig
+    config: SamplerConfig | StepSamplerConfig
     detok: Detokenizer
     key: tuple[Any, ...]
-    emit: Callable[[StepView], None] | None = None  # set for streamed jobs (thread-safe)
+    emit: Callable[[Progress], None] | None = None  # set for streamed jobs (thread-safe)
     _cancelled: threading.Event = dataclasses.field(
         default_factory=threading.Event, init=False, repr=False
     )
@@ -79,19 +83,26 @@ class _AllCancelled(Exception):
 class Engine:
     """Holds the model; validates requests; runs batches (in one worker thread only)."""
 
-    def __init__(self, model: DiffusionLM, config: ServeConfig) -> None:
+    def __init__(self, model: DiffusionModel, config: ServeConfig) -> None:
         if model.tokenizer is None:
             raise ValueError(f"model {config.model!r} has no tokenizer: a server needs one")
         self.model = model
         self.tokenizer = model.tokenizer
         self.config = config
-        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.decoding = decoding_for(model, config)
+        text = model.config.get_text_config()  # DiffusionGemma's is a part of its config
+        self.vocab_size: int = text.vocab_size
+        self.max_positions: int | None = getattr(text, "max_position_embeddings", None)
         self.max_prompt_chars = config.max_prompt_chars or CHARS_PER_POSITION * (
             self.max_positions or UNKNOWN_POSITIONS
         )
-        self._seeds = random.Random(config.sampler.seed)
+        self._seeds = random.Random(self.decoding.seed)
 
     # -- request side (event loop, except encode) ------------------------------------------
+    def check_fields(self, request: GenerationRequest) -> None:
+        """Refuse fields this model's kind cannot honour (a uniform-noise model has no mask)."""
+        self.decoding.check(request)
+
     def check_size(self, prompts: Sequence[str | Sequence[int]], n: int, param: str) -> None:
         """Refuse too many rows or too long a text before tokenising (slow on big text)."""
         self.check_rows(len(prompts), n, param)
@@ -131,7 +142,7 @@ class Engine:
             encoded = encode_prompts(self.model, prompts)
         except ValueError as err:
             raise APIError(400, str(err), param=param) from err
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         for i, ids in enumerate(encoded):
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -150,58 +161,36 @@ class Engine:
         param: str,
     ) -> Job:
         """A job for ``prompts`` under the request's settings, or an ``APIError`` naming a field."""
-        base = self.config.sampler
-        opts = request.diffusion or DiffusionOptions()
-        max_tokens = max_tokens or base.gen_length
-        block = opts.block_length or base.block_length or self.model.block_size
-        gen_length = math.ceil(max_tokens / block) * block
-        self._check_length(prompts, max_tokens, gen_length, block, param)
-        steps_per_block = base.steps_per_block
-        if opts.steps is not None:
-            steps_per_block = math.ceil(opts.steps / (gen_length // block))
-        elif opts.steps_per_block is not None:
-            steps_per_block = opts.steps_per_block
-        config = dataclasses.replace(
-            base,
-            gen_length=gen_length,
-            block_length=block,
-            steps_per_block=steps_per_block,
-            remasking=opts.remasking or base.remasking,
-            threshold=base.threshold if opts.threshold is None else opts.threshold,
-            temperature=base.temperature if request.temperature is None else request.temperature,
-            top_p=base.top_p if request.top_p is None else request.top_p,
-            top_k=base.top_k if request.top_k is None else max(request.top_k, 0),
-            return_logprobs=False,
-            seed=request.seed,
-        )
-        random_draws = config.temperature > 0 or config.remasking == "random"
+        max_tokens = max_tokens or self.decoding.default_max_tokens
+        config = self.decoding.config(request, max_tokens)
+        self._check_length(prompts, max_tokens, *self.decoding.span(config), param)
         # A seeded request that draws random numbers runs alone: the same seed then gives the
         # same completion whatever else is waiting. Everything else batches by settings.
-        alone: object = object() if random_draws and request.seed is not None else None
-        key = (dataclasses.astuple(dataclasses.replace(config, seed=None)), alone)
+        alone = request.seed is not None and self.decoding.random_draws(config)
+        settings = dataclasses.astuple(dataclasses.replace(config, seed=None))
+        key = (settings, object() if alone else None)
         detok = Detokenizer(
             self.tokenizer,
-            self.model.mask_token_id,
+            self.decoding.hidden_id,
             max_tokens,
             request.stops(),
             self.config.mask_placeholder,
+            eos_ids=self.decoding.eos_ids,
         )
         return Job(prompts, request.n or 1, config, detok, key)
 
     def _check_length(
-        self, prompts: list[list[int]], max_tokens: int, gen_length: int, block: int, param: str
+        self, prompts: list[list[int]], max_tokens: int, needed: int, block: int, param: str
     ) -> None:
         if self.max_positions is None:
             return
-        # A zero-aligned batch can start its first block up to one block early (see Canvas).
-        slack = block if self.model.settings.block_align == "zero" else 0
         longest = max(len(p) for p in prompts)
-        if longest + gen_length + slack > self.max_positions:
+        if longest + needed > self.max_positions:
             raise APIError(
                 400,
                 f"this model's maximum context length is {self.max_positions} positions; the "
                 f"prompt has {longest} tokens and max_tokens={max_tokens} needs "
-                f"{gen_length + slack} more (whole blocks of {block})",
+                f"{needed} more (whole blocks of {block})",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -215,9 +204,7 @@ class Engine:
             seed = self._seeds.randrange(2**31)
         rows = [p for job in jobs for p in job.prompts for _ in range(job.n)]
         try:
-            rollout = Sampler(config).generate(
-                self.model, rows, seed=seed, on_step=self._on_step(jobs)
-            )
+            rollout = self.decoding.generate(config, rows, seed, self._on_step(jobs))
         except _AllCancelled:
             return [[] for _ in jobs]
         ids, keep = rollout.completion_ids.tolist(), rollout.completion_mask.tolist()
@@ -228,7 +215,7 @@ class Engine:
         return results
 
     @staticmethod
-    def _on_step(jobs: list[Job]) -> Callable[[StepView], None]:
+    def _on_step(jobs: list[Job]) -> Callable[[Progress], None]:
         """After each step: stop if every job was cancelled, else stream each live job's rows.
 
         The sampler decodes the batch as one tensor and cannot drop rows, so a cancelled job
@@ -236,14 +223,21 @@ class Engine:
         """
         spans = list(zip(jobs, _spans(jobs), strict=True))
 
-        def on_step(view: StepView) -> None:
+        def on_step(progress: Progress) -> None:
             if all(job.cancelled for job in jobs):
                 raise _AllCancelled
             for job, (lo, hi) in spans:
                 if job.emit is not None and not job.cancelled:
-                    job.emit(StepView(view.nfe, view.block, view.completion_ids[lo:hi]))
+                    job.emit(progress.rows(lo, hi))
 
         return on_step
+
+
+def decoding_for(model: DiffusionModel, config: ServeConfig) -> Decoding:
+    """The decoding of the model's kind: its ``noise`` capability, never its class name."""
+    if model.noise == "uniform":
+        return UniformDecoding(model, config.step_sampler)  # type: ignore[arg-type]
+    return MaskedDecoding(model, config.sampler)  # type: ignore[arg-type]
 
 
 def _spans(jobs: list[Job]) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ it grows, holding back what could still turn into a stop string (its last
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -23,7 +24,11 @@ class Settled:
 
 
 class Detokenizer:
-    """Turns completion token ids into text the way every response and stream does."""
+    """Turns completion token ids into text the way every response and stream does.
+
+    ``mask_token_id`` marks a token not decided yet; ``eos_ids`` end a completion (default:
+    the tokenizer's EOS; a model's generation config can name several).
+    """
 
     def __init__(
         self,
@@ -32,10 +37,13 @@ class Detokenizer:
         max_tokens: int,
         stop: list[str],
         placeholder: str = "_",
+        eos_ids: Sequence[int] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.mask_token_id = mask_token_id
-        self.eos_token_id = tokenizer.eos_token_id
+        if eos_ids is None:
+            eos_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self.eos_ids = frozenset(eos_ids)
         self.max_tokens = max_tokens
         self.stop = stop
         self.placeholder = placeholder
@@ -51,8 +59,9 @@ class Detokenizer:
         )
         ids = ids[:cut]
         finish = "length" if complete or len(ids) == self.max_tokens else None
-        if self.eos_token_id is not None and self.eos_token_id in ids:
-            ids = ids[: ids.index(self.eos_token_id)]
+        end = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        if end is not None:
+            ids = ids[:end]
             finish = "stop"
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
