@@ -193,3 +193,17 @@ def test_the_command_line_prints_one_line_and_exits_2(tmp_path):
     assert "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.splitlines()[-1].startswith("unmask.errors.UserError: output_dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing written
+
+
+def test_overrides_may_follow_options(monkeypatch):
+    """`--seed 2 progress=false` works as `progress=false --seed 2` does; a stray word does not."""
+    import unmask.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_quickstart", lambda args: seen.append(args) or 0)
+    assert cli.main(["quickstart", "rl.lr=1e-4", "--seed", "2", "progress=false"]) == 0
+    assert (seen[0].config, seen[0].overrides, seen[0].seed) == (
+        None, ["rl.lr=1e-4", "progress=false"], 2,
+    )  # fmt: skip
+    with pytest.raises(SystemExit):
+        cli.main(["quickstart", "--seed", "2", "stray"])

@@ -363,8 +363,17 @@ def _debug(args: argparse.Namespace) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``unmask`` command line; returns the exit code (2 for a user's mistake)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.config is not None and "=" in args.config:
+    args, extra = parser.parse_known_args(argv)
+    # argparse ends the positionals at the first option, so `--seed 1 lr=1e-4` leaves the
+    # override over; key=value words anywhere are overrides, anything else is an error.
+    stray = [word for word in extra if word.startswith("-") or "=" not in word]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    if getattr(args, "config", None) is not None and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     try:
