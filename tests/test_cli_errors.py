@@ -206,4 +206,4 @@ def test_overrides_may_follow_options(monkeypatch):
         None, ["rl.lr=1e-4", "progress=false"], 2,
     )  # fmt: skip
     with pytest.raises(SystemExit):
-        cli.main(["quickstart", "--seed", "2", "stray"])
+        cli.main(["quickstart", "a.yaml", "--seed", "2", "stray"])
