@@ -13,8 +13,10 @@ Prints one JSON line per measurement (sizes in bytes, ``*_gib`` in GiB = 2**30 b
    ``gradient_as_bucket_view=False`` keeps them as a second copy of the gradients. At one
    process the trainers do not shard (``fsdp2`` there is ``fully_shard`` over a world of one,
    applied directly, to show FSDP2's own overhead). Activations are not counted.
-2. **Arithmetic** for the published shapes (LLaDA-8B, Dream-7B, SDAR/TraDo-4B, SDAR/TraDo-8B),
-   built on the meta device from their configs (written below; no hub access, no weights).
+2. **Arithmetic** for the published shapes (LLaDA-8B, Dream-7B, SDAR/TraDo-4B, SDAR/TraDo-8B,
+   DiffusionGemma 26B-A4B), built on the meta device from their configs (written below; no hub
+   access, no weights). For the mixture-of-experts model a ``"kind": "parameters"`` line also
+   gives the exact total, the parameters active per token and where they sit.
    FSDP2 keeps ceil(rows / N) rows of every parameter on each rank (the padded shard, dim 0);
    the same arithmetic applied to the tiny presets gives the measured parameter and gradient bytes
    (``"check": "arithmetic_vs_measured"`` lines). Per GPU, activations and KV caches excluded:
@@ -23,7 +25,9 @@ Prints one JSON line per measurement (sizes in bytes, ``*_gib`` in GiB = 2**30 b
      fp32 gradients, AdamW's two fp32 moments: 16 bytes a parameter, divided by N under
      FSDP2; DDP adds its gradient buckets (4 bytes a parameter) at N > 1.
    - ``lora``: the frozen base in bf16 (2 bytes a parameter, no gradient, no state), rank-64
-     adapters on q, k, v, o, gate, up, down in fp32 with gradients and AdamW (16 bytes each).
+     adapters on q, k, v, o, gate, up, down in fp32 with gradients and AdamW (16 bytes each);
+     DiffusionGemma at its recipe's rank 16, one adapter per projection its encoder and
+     decoder share, none on the experts' 3-D tensors or the vision tower (as unmask adapts it).
    - ``offload`` (FSDP2 ``cpu_offload``): shards, gradients and optimizer states in host
      memory (``host_gib`` per process); the GPU holds only the gathered units.
    - ``gathered_gib`` (FSDP2): the units unsharded at once, estimated as the root (embeddings,
@@ -61,6 +65,8 @@ PROCESSES = (1, 2)
 SIMULATED = (1, 2, 4, 8, 64)
 LORA_RANK = 64
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DIFFUSION_GEMMA = "diffusion-gemma-26b-a4b"
+DIFFUSION_GEMMA_LORA = {"rank": 16, "exclude": ".vision_tower."}  # rl_tracerl.yaml, models.lora
 TARGET = 0.55  # 2-process FSDP2 per-rank bytes over 1-process bytes (issue 20)
 
 
@@ -98,24 +104,78 @@ def published_configs() -> dict:
             num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
             tie_word_embeddings=False,
         ),
+        DIFFUSION_GEMMA: diffusion_gemma_config(),
     }  # fmt: skip
+
+
+def diffusion_gemma_config():
+    """google/diffusiongemma-26B-A4B-it's shape. Google's ``config.json`` is not among the
+    references this was written from, and transformers' ``DiffusionGemmaConfig()`` is not it
+    (a dense 2304-wide text config with ``num_experts`` None, which the model's MoE layers
+    cannot even build), so the text shape is that of third-party copies of the checkpoint's
+    config (an MLX port's DiffusionGemma test config; Gemma 4 26B-A4B's, which the model
+    cards' 25.2B text / 3.8B active match to 0.2%). The vision tower (~2% of the total) is the
+    Gemma 4 26B one those copies describe (1152 wide, 27 layers: ~550M, as its model card)."""
+    from transformers import DiffusionGemmaConfig
+
+    text = dict(
+        vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+        num_attention_heads=16, num_key_value_heads=8, num_global_key_value_heads=2,
+        head_dim=256, global_head_dim=512, num_experts=128, top_k_experts=8,
+        moe_intermediate_size=704, sliding_window=1024, max_position_embeddings=262_144,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    vision = dict(
+        model_type="gemma4_vision", hidden_size=1152, intermediate_size=4304,
+        num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, head_dim=72,
+        standardize=True, use_clipped_linears=False,
+    )  # fmt: skip
+    return DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=256)
 
 
 def meta_model(config):
     """The model of ``config`` on the meta device: shapes, no memory."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DiffusionGemmaForBlockDiffusion
 
     with torch.device("meta"):
+        if config.model_type == "diffusion_gemma":  # no causal-LM auto class: its native one
+            return DiffusionGemmaForBlockDiffusion(config)
         return AutoModelForCausalLM.from_config(config)
+
+
+def moe_parameters(model) -> dict[str, int]:
+    """Exact parameter counts of a mixture-of-experts model (shared tensors once): ``total``,
+    ``experts`` (the 3-D expert tensors), ``vision`` (the vision tower), ``embedding`` (tied
+    with the LM head) and ``active_per_token``: everything but the experts and the vision
+    tower, plus ``top_k / num_experts`` of the experts (one token reads its top-k experts in
+    every layer; the encoder reads the prompt and the decoder the canvas with the same
+    weights, so a prompt token and a canvas token read the same number)."""
+    text = model.config.get_text_config()
+    counts = {"total": 0, "experts": 0, "vision": 0, "embedding": 0}
+    for name, param in model.named_parameters():  # a shared tensor once
+        counts["total"] += param.numel()
+        if ".experts." in name:
+            counts["experts"] += param.numel()
+        elif ".vision_tower." in name or ".embed_vision." in name:
+            counts["vision"] += param.numel()
+        elif name.endswith("embed_tokens.weight"):
+            counts["embedding"] += param.numel()
+    routed = counts["experts"] * text.top_k_experts // text.num_experts
+    counts["text"] = counts["total"] - counts["vision"]
+    counts["active_per_token"] = counts["text"] - counts["experts"] + routed
+    counts["active_without_embedding"] = counts["active_per_token"] - counts["embedding"]
+    return counts
 
 
 # -- the sharding arithmetic -------------------------------------------------------------------
 
 
-def shapes(model) -> dict[str, dict]:
+def shapes(model, rank: int = LORA_RANK, exclude: str | None = None) -> dict[str, dict]:
     """Per FSDP unit (``layer.{i}``, and ``root`` for the rest), the shapes of its distinct
-    trainable parameters (tied ones once), and the LoRA adapter parameter count."""
+    trainable parameters (tied ones once), and the rank-``rank`` LoRA adapter parameter count:
+    one adapter per distinct weight (DiffusionGemma's encoder and decoder layers are separate
+    modules holding the same weights), none in modules whose name holds ``exclude``."""
     units: dict[str, dict] = {}
     seen: set[int] = set()
     decoder = model.get_decoder()
@@ -126,10 +186,15 @@ def shapes(model) -> dict[str, dict]:
             "ids": {id(p) for p in layer.parameters()},
         }
     units["root"] = {"shapes": [], "lora": 0, "ids": set()}
+    adapted: set[int] = set()
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in LORA_TARGETS and hasattr(module, "in_features"):
-            unit = next(u for u in units.values() if id(module.weight) in u["ids"])
-            unit["lora"] += LORA_RANK * (module.in_features + module.out_features)
+            if (exclude and exclude in f".{name}.") or id(module.weight) in adapted:
+                continue
+            adapted.add(id(module.weight))
+            unit = next((u for u in units.values() if id(module.weight) in u["ids"]),
+                        units["root"])  # fmt: skip
+            unit["lora"] += rank * (module.in_features + module.out_features)
     for param in model.parameters():  # parameters() yields a tied tensor once
         if id(param) in seen:
             continue
@@ -202,7 +267,14 @@ def estimate(name: str, units: dict, mode: str, strategy: str, world: int) -> di
 def run_arithmetic() -> list[dict]:
     lines = []
     for name, config in published_configs().items():
-        units = shapes(meta_model(config))
+        model = meta_model(config)
+        lora = DIFFUSION_GEMMA_LORA if name == DIFFUSION_GEMMA else {"rank": LORA_RANK}
+        units = shapes(model, **lora)
+        if getattr(config.get_text_config(), "num_experts", None):
+            adapters = sum(u["lora"] for u in units.values())
+            line = {"kind": "parameters", "model": name, **moe_parameters(model),
+                    "lora_rank": lora["rank"], "lora": adapters}  # fmt: skip
+            print(json.dumps(line), flush=True)
         for mode, strategies in (
             ("full", STRATEGIES),
             ("lora", STRATEGIES),
@@ -211,6 +283,8 @@ def run_arithmetic() -> list[dict]:
             for strategy in strategies:
                 for world in SIMULATED if strategy == "ddp" else SIMULATED[1:]:
                     lines.append(estimate(name, units, mode, strategy, world))
+                    if mode == "lora":
+                        lines[-1]["lora_rank"] = lora["rank"]
                     print(json.dumps(lines[-1]), flush=True)
     return lines
 
@@ -377,6 +451,7 @@ def markdown(measured: list[dict], lines: list[dict]) -> None:
             rl_gib = " | ".join(f"{rows[n]['rl_gpu_gib']:.1f}" for n in (2, 4, 8))
             extra = f" (host {rows[8]['host_gib']:.1f}/proc)" if mode == "offload" else ""
             size = f"{rows[8]['parameters'] / 1e9:.2f}B"
+            mode = f"lora r {rows[8]['lora_rank']}" if mode == "lora" else mode
             print(f"| {model} ({size}) | {mode} | {strategy} | {gib}{extra} | {rl_gib} | "
                   f"SFT {sft}, RL {rl} |")  # fmt: skip
 
