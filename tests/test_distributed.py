@@ -1,8 +1,8 @@
 """Data-parallel RL with 2 CPU processes (gloo), launched by ``accelerate launch`` with the
 shipped ``configs/accelerate/ddp.yaml``: a one-process checkpoint resumes on two ranks, every
-rank samples its own prompts, whole groups stay on one rank, gradients are averaged (also when
-one rank has nothing to train on), metrics merge the ranks, and the checkpoint written once
-resumes on one process.
+rank samples its own half of the step's prompts, whole groups stay on one rank, gradients are
+averaged (also when one rank has nothing to train on), metrics merge the ranks, and the
+checkpoint written once resumes on one process.
 
 The file is also the worker: ``accelerate launch tests/test_distributed.py OUT_DIR``.
 """
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, PROMPTS, GENERATIONS = 2, 2, 4
+STEPS, PROMPTS, GENERATIONS = 2, 4, 4  # PROMPTS: per step, over both ranks
 FIRST = 1  # steps taken on one process before the two-rank run resumes
 DISTRIBUTED = {
     "max_steps": FIRST + STEPS,
@@ -50,12 +50,12 @@ def _config(output_dir: str, **changes):
     return RLConfig(**{**base, **changes})
 
 
-def sevens(prompts, completions, **_):
-    """Toy reward that an untrained policy already varies on: the fraction of '7's. On rank 1
-    it is constant, so with ``drop_zero_std_groups`` that rank has no view to train on."""
+def variety(prompts, completions, **_):
+    """Toy reward that an untrained policy varies on: the fraction of distinct characters. On
+    rank 1 it is constant, so with ``drop_zero_std_groups`` that rank has no view to train on."""
     if os.environ.get("RANK", "0") == "1":
         return [0.0] * len(completions)
-    return [c.count("7") / max(len(c), 1) for c in completions]
+    return [len(set(c)) / max(len(c), 1) for c in completions]
 
 
 def _task():
@@ -63,7 +63,7 @@ def _task():
 
     solved = get_task("sudoku").reward_funcs[1]  # the accuracy reward stays, weight 0
     return get_task(
-        "sudoku", num_train=64, blanks=4, reward_funcs=[sevens, solved], reward_weights=[1.0, 0.0]
+        "sudoku", num_train=64, blanks=4, reward_funcs=[variety, solved], reward_weights=[1.0, 0.0]
     )
 
 
@@ -136,7 +136,7 @@ def test_two_cpu_ranks_sample_different_prompts_and_keep_identical_weights(tmp_p
         batches = [r["prompts"][step] for r in ranks]
         for batch in batches:  # whole groups: each prompt repeated num_generations times in a row
             groups = [batch[i : i + GENERATIONS] for i in range(0, len(batch), GENERATIONS)]
-            assert len(groups) == PROMPTS and all(len(set(g)) == 1 for g in groups)
+            assert len(groups) == PROMPTS // 2 and all(len(set(g)) == 1 for g in groups)
         assert not set(batches[0]) & set(batches[1]), "both ranks sampled the same prompt"
 
     changed = 0

@@ -32,7 +32,7 @@ def _rl_config(output_dir: Path, objective: str, **changes):
         "objective": objective,
         "cpu": True,
         "max_steps": 2,
-        "num_prompts": 1,
+        "num_prompts": 2,  # over both ranks: one group each
         "num_generations": 4,
         "micro_batch_size": 8,
         "lr": 3e-3,

@@ -18,7 +18,7 @@ is an unbiased estimate of the negative ELBO per completion token; dLLM-RL train
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,14 +26,7 @@ import torch.nn.functional as F
 
 from unmask.models.attention import Layout
 from unmask.models.diffusion_lm import DiffusionSettings
-from unmask.objectives.views import (
-    SequenceBatch,
-    masked_view,
-    noised_ids,
-    random_mask,
-    sample_t,
-    two_stream_view,
-)
+from unmask.objectives.views import SequenceBatch, masked_view, noised_ids, two_stream_view
 
 SFT_OBJECTIVES: tuple[str, ...] = ("random_mask", "block")
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,13 +71,34 @@ def sample_noise(
     objective: str,
     t_min: float,
     t_max: float,
-    generator: torch.Generator,
+    generators: torch.Generator | Sequence[torch.Generator],
 ) -> Noise:
-    """Draw ``t`` (per row, or per block for ``block``) and mask completion tokens with it."""
+    """Draw ``t ~ U(t_min, t_max)`` (per row, or per (row, block) for ``block``) and mask each
+    completion token with probability ``t``.
+
+    Row ``i`` draws from ``generators[i]`` (a single generator serves every row in turn), over
+    its own completion only, so that with a generator per row its noise does not depend on the
+    batch around it (SFT's global batch, docs/scale.md). Drawn on the CPU, so a seed gives the
+    same noise on any device."""
     if not 0.0 < t_min <= t_max <= 1.0:
         raise ValueError(f"need 0 < t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    t = sample_t(batch, t_min, t_max, per_block=objective == "block", generator=generator)
-    return Noise(t, random_mask(batch.completion, t, generator))
+    rows = batch.ids.shape[0]
+    if isinstance(generators, torch.Generator):
+        generators = [generators] * rows
+    completion, blocks = batch.completion.cpu(), batch.blocks.cpu()
+    t = torch.empty(completion.shape)
+    mask = torch.zeros_like(completion)
+    for row, generator in zip(range(rows), generators, strict=True):
+        cols = completion[row].nonzero()[:, 0]
+        if objective == "block":  # one t per block of the completion; others share an end's
+            lo, hi = int(blocks[row, cols].min()), int(blocks[row, cols].max())
+            u = torch.rand(hi - lo + 1, generator=generator)
+            t[row] = t_min + (t_max - t_min) * u[(blocks[row] - lo).clamp(0, hi - lo)]
+        else:
+            t[row] = t_min + (t_max - t_min) * torch.rand(1, generator=generator)
+        mask[row, cols] = torch.rand(len(cols), generator=generator) < t[row, cols]
+    device = batch.ids.device
+    return Noise(t.to(device), mask.to(device))
 
 
 def sft_loss(

@@ -126,30 +126,6 @@ def collate(
     return SequenceBatch(ids, positions, blocks, real, completion, start, block_size)
 
 
-def sample_t(
-    batch: SequenceBatch, t_min: float, t_max: float, per_block: bool, generator: torch.Generator
-) -> torch.Tensor:
-    """Mask ratio ``t ~ U(t_min, t_max)`` for every column ``[B, W]``: one per row, or one per
-    (row, block) with ``per_block``. Drawn on the CPU so a seed gives the same noise anywhere."""
-    rows, width = batch.ids.shape
-    if not per_block:
-        u = torch.rand(rows, 1, generator=generator)
-        return (t_min + (t_max - t_min) * u).expand(rows, width).to(batch.ids.device)
-    blocks = batch.blocks.cpu()
-    lowest = int(blocks.min())
-    u = torch.rand(rows, int(blocks.max()) - lowest + 1, generator=generator)
-    t = t_min + (t_max - t_min) * u.gather(1, blocks - lowest)
-    return t.to(batch.ids.device)
-
-
-def random_mask(
-    eligible: torch.Tensor, t: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
-    """Mask each ``eligible`` position independently with probability ``t`` (same shape)."""
-    u = torch.rand(eligible.shape, generator=generator).to(eligible.device)
-    return eligible & (u < t)
-
-
 def noised_ids(batch: SequenceBatch, mask: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """The clean ids with the ``mask`` positions replaced by the mask token."""
     return batch.ids.masked_fill(mask, mask_token_id)

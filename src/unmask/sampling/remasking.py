@@ -47,23 +47,28 @@ def propose(
     temperature: float,
     top_k: int,
     top_p: float,
-    generator: torch.Generator | None,
+    noise: torch.Tensor | None,
 ) -> Proposal:
-    """Draw one candidate per position from ``logits`` ``[B, L, V]`` (the mask token excluded)."""
+    """One candidate per position from ``logits`` ``[B, L, V]`` (the mask token excluded).
+
+    ``noise`` (``Exp(1)`` draws shaped like ``logits``; None when greedy) picks the token
+    ``argmax p / noise``, a draw from ``p``: what ``torch.multinomial`` computes, with the
+    draws given so that each row's can come from its own stream (:mod:`.draws`)."""
     logits = logits.float()
     logits[..., mask_token_id] = float("-inf")
     probs = logits.softmax(dim=-1)
     if temperature <= 0:
         tokens = logits.max(dim=-1).indices  # argmax's first-maximum rule, 1.5x faster on CPU
         return Proposal(tokens, torch.zeros(tokens.shape, device=logits.device), probs)
+    if noise is None:
+        raise ValueError("sampling at temperature > 0 needs noise draws")
     logp = sampling_logits(logits, temperature, top_k, top_p).log_softmax(dim=-1)
-    flat = logp.exp().reshape(-1, logp.shape[-1])
-    tokens = torch.multinomial(flat, 1, generator=generator).view(logp.shape[:-1])
+    tokens = (logp.exp() / noise).argmax(dim=-1)
     return Proposal(tokens, logp.gather(-1, tokens[..., None])[..., 0], probs)
 
 
-def scores(proposal: Proposal, remasking: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Higher score = unmask sooner. ``[B, L]``."""
+def scores(proposal: Proposal, remasking: str, uniform: torch.Tensor | None) -> torch.Tensor:
+    """Higher score = unmask sooner. ``[B, L]``; the ``random`` rule's are ``uniform`` draws."""
     probs = proposal.probs
     if remasking in ("low_confidence", "threshold"):
         return probs.gather(-1, proposal.tokens[..., None])[..., 0]
@@ -73,7 +78,9 @@ def scores(proposal: Proposal, remasking: str, generator: torch.Generator | None
     if remasking == "entropy":
         return (probs * probs.clamp_min(1e-30).log()).sum(dim=-1)  # negative entropy
     if remasking == "random":
-        return torch.rand(probs.shape[:-1], generator=generator, device=probs.device)
+        if uniform is None:
+            raise ValueError("random remasking needs uniform draws")
+        return uniform
     raise ValueError(f"unknown remasking {remasking!r}; choose one of {REMASKING}")
 
 

@@ -100,6 +100,15 @@ class Rollout:
             for ids, mask in zip(self.prompt_ids, self.prompt_mask, strict=True)
         ]
 
+    def select(self, rows: slice) -> Rollout:
+        """The rollouts ``rows`` (``nfe`` stays the batch's)."""
+        picked = {
+            f.name: getattr(self, f.name)[rows]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **picked)
+
     def to(self, device: torch.device | str) -> Rollout:
         """Every tensor of the rollout on ``device``."""
         moved = {

@@ -32,6 +32,7 @@ import torch
 
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.sampling.canvas import Canvas
+from unmask.sampling.draws import Draws
 from unmask.sampling.forwarder import Forwarder
 from unmask.sampling.remasking import REMASKING, propose, scores, select
 from unmask.sampling.rollout import Rollout
@@ -139,10 +140,15 @@ class Sampler:
         prompts: Sequence[str] | Sequence[Sequence[int]],
         seed: int | None = None,
         on_step: Callable[[StepView], None] | None = None,
+        group_seeds: Sequence[int] | None = None,
     ) -> Rollout:
         """Decode ``gen_length`` tokens after each prompt (text, or token ids).
 
         ``on_step``, when given, is called after every denoising step with the canvas.
+        ``seed`` (else the config's) seeds one random stream for the batch; ``group_seeds``
+        instead give each equal group of consecutive rows its own (:mod:`.draws`), so a group
+        samples the same tokens whatever else is in the batch (RL's groups of completions of
+        one prompt, on any process).
         """
         cfg = self.config
         prompt_ids = encode_prompts(model, prompts)
@@ -179,12 +185,8 @@ class Sampler:
             raise ValueError(
                 f"prompt plus gen_length needs {longest} positions; the model has {max_pos}"
             )
-        generator = None
-        seed = cfg.seed if seed is None else seed
-        if seed is not None:
-            generator = torch.Generator(device=device).manual_seed(seed)
-
         batch, width = canvas.ids.shape
+        draws = Draws(batch, device, cfg.seed if seed is None else seed, group_seeds)
         steps = torch.full((batch, width), -1, dtype=torch.long, device=device)
         logprobs = torch.zeros((batch, width), device=device)
         selection = torch.zeros((batch, cfg.gen_length), device=device)  # per row step
@@ -205,10 +207,13 @@ class Sampler:
                 if not masked.any():
                     break
                 logits = runner.block_logits(a0, a1, step)
+                busy = masked.any(dim=1)
+                noise = draws.exponential(logits.shape, busy) if cfg.temperature > 0 else None
                 proposal = propose(
-                    logits, model.mask_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator
+                    logits, model.mask_token_id, cfg.temperature, cfg.top_k, cfg.top_p, noise
                 )
-                score = scores(proposal, cfg.remasking, generator)
+                uniform = draws.uniform(masked.shape, busy) if cfg.remasking == "random" else None
+                score = scores(proposal, cfg.remasking, uniform)
                 quota = None if threshold is not None else _quota(n_masked, steps_per_block, step)
                 chosen = select(score, masked, quota, threshold)
                 block_ids = canvas.ids[:, a0:a1]

@@ -39,6 +39,7 @@ from unmask.train.common import (
 )
 from unmask.train.curriculum import Curriculum
 from unmask.train.distributed import Parallel, over_processes
+from unmask.train.global_batch import StepGroups, check_share, gather_rollouts
 from unmask.train.rl_config import RLConfig
 from unmask.train.rl_value import WithValue, token_advantages, value_learner
 from unmask.train.run import Run
@@ -60,13 +61,13 @@ class RLTrainer(Run):
     """
 
     name = "rl"
-    generator_name = "trainer"
 
     def __init__(
         self, config: RLConfig, model: DiffusionModel | None = None, task: Any = None
     ) -> None:
         self.config = cfg = config
         self.accelerator = acc = make_accelerator(cfg.mixed_precision, cfg.cpu, "rl", True)
+        check_share("num_prompts", cfg.num_prompts, acc.num_processes)
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         # How this model samples and updates; it settles, once, the block length (into the
@@ -86,7 +87,6 @@ class RLTrainer(Run):
         self.stream = BatchStream(len(self.prompts), cfg.seed)
         self.curriculum = Curriculum(cfg.curriculum, self.sampler, self.prompts,
                                      cfg.data.difficulty_field)  # fmt: skip
-        self.generator = torch.Generator().manual_seed(cfg.seed * 7919 + acc.process_index)
         self.reference = reference_model(model) if cfg.beta > 0 else None
         self.parallel = Parallel(acc, resolve_fsdp(cfg.fsdp, acc.mixed_precision))
         if self.parallel.sharded and cfg.value_model.enabled:
@@ -109,7 +109,7 @@ class RLTrainer(Run):
     # -- one step: sample -> score -> advantages -> optimise --------------------------------
     def step(self) -> dict[str, float]:
         """Sample, score, and take ``num_iterations`` optimizer steps on one rollout batch."""
-        cfg = self.config
+        cfg, acc = self.config, self.accelerator
         began = time.perf_counter()
         step = self.steps_done + 1
         stage = self.curriculum.stage(step)
@@ -119,16 +119,18 @@ class RLTrainer(Run):
         sampled = time.perf_counter()
         scores = score_rollouts(self.task, self.tokenizer, prompts, columns, rollout,
                                 cfg.num_generations, self.value is not None, step)  # fmt: skip
-        adv = group_advantages(scores.rewards, cfg.num_generations, self.settings.scale_rewards,
-                               cfg.drop_zero_std_groups)  # fmt: skip
-        advantages, kept = adv.advantages, adv.kept & scores.scored
+        # Advantages over the whole step's rewards (a batch std spans every process).
+        adv = group_advantages(gather_rollouts(acc, scores.rewards), cfg.num_generations,
+                               self.settings.scale_rewards, cfg.drop_zero_std_groups)  # fmt: skip
+        mine = self.groups().rows
+        advantages, kept = adv.advantages[mine], adv.kept[mine] & scores.scored
         metrics = {**adv.metrics, **scores.metrics, **rollout_metrics(rollout)}
         metrics["gen_length"] = float(gen_length)
         if stage >= 0:
             metrics["curriculum_stage"] = float(stage)
         if self.value is not None:
             advantages, kept, value_metrics = token_advantages(
-                self.value, cfg, self.token_reward, rollout, scores, adv.advantages, kept,
+                self.value, cfg, self.token_reward, rollout, scores, advantages, kept,
                 prompts, columns, step,
             )  # fmt: skip
             metrics.update(value_metrics)
@@ -139,25 +141,32 @@ class RLTrainer(Run):
             step_s=time.perf_counter() - began,
             epoch=self.stream.epoch,
         )
-        return over_processes(self.accelerator, metrics)
+        return over_processes(acc, metrics)
+
+    def groups(self) -> StepGroups:
+        """This process's prompt groups of the step being taken, and their random streams."""
+        cfg = self.config
+        return StepGroups.share(cfg.seed, self.steps_done + 1, cfg.num_prompts,
+                                cfg.num_generations, self.accelerator)  # fmt: skip
 
     def _prompts(self, stage: int) -> tuple[list[str], dict[str, list[Any]]]:
-        """This process's share of the step's prompts, each repeated ``num_generations`` times,
-        and their data columns alike (whole groups stay on one process)."""
-        cfg, acc = self.config, self.accelerator
-        rows = self.curriculum.take(self.stream, cfg.num_prompts * acc.num_processes, stage)
-        batch = self.prompts.select(rows[acc.process_index :: acc.num_processes])
+        """This process's share of the step's prompts (the next ``num_prompts`` of the data
+        order, over all processes), each repeated ``num_generations`` times, and their data
+        columns alike (whole groups stay on one process)."""
+        cfg = self.config
+        rows = self.curriculum.take(self.stream, cfg.num_prompts, stage)
+        groups = self.groups().groups
+        batch = self.prompts.select(rows[groups.start : groups.stop])
         repeat = cfg.num_generations
         columns = {c: [v for v in batch[c] for _ in range(repeat)] for c in batch.column_names}
         return columns.pop("prompt"), columns
 
     def _rollouts(self, prompts: list[str], gen_length: int) -> Rollout:
         self.core.eval()
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         sampler = self.curriculum.samplers.get(gen_length, self.sampler)
         whole = self.parallel.whole(self.core, self.parallel.sampling_dtype())
         with whole as model, self.accelerator.autocast():
-            return sampler.generate(model, prompts, seed=seed)
+            return self.kind.sample(sampler, model, prompts, self.groups())
 
     def _optimize(
         self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor

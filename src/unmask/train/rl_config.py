@@ -45,7 +45,9 @@ class RLEval:
 class RLConfig(RunConfig):
     """``unmask rl``: every field, with TRL's names where they mean the same.
 
-    A step samples ``num_prompts`` prompts per process, ``num_generations`` completions each.
+    A step samples ``num_prompts`` prompts over all processes (each holds whole groups: a
+    1-process and an N-process run are the same run, :mod:`unmask.train.global_batch`),
+    ``num_generations`` completions each.
     ``num_iterations``, ``scale_rewards``, ``loss_type`` and ``importance_sampling_level``
     default (null) to the objective's own (:func:`objective_settings`); ``objective_options``
     are checked here, before any model loads.

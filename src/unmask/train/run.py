@@ -47,12 +47,11 @@ class Run:
     ``max_time_s``, ``log_every``, ``save_every``, ``keep_last``, ``report_to``, ``progress``,
     ``plots``, ``seed``, ``eval``), ``accelerator``, ``parallel``, ``core`` (the network being
     trained, unwrapped), ``model`` (``core`` as prepared for gradients), ``optimizer``,
-    ``scheduler``, ``stream`` (the data order), ``guard``, ``generator``, ``task`` and
-    ``output_dir``; and implements :meth:`train_step`.
+    ``scheduler``, ``stream`` (the data order), ``guard``, ``task`` and ``output_dir``; and
+    implements :meth:`train_step`.
     """
 
     name: ClassVar[str]  # "sft" or "rl": in the progress bar and messages
-    generator_name: ClassVar[str]  # the key of ``generator``'s state in checkpoints
 
     config: Any
     accelerator: Any
@@ -63,7 +62,6 @@ class Run:
     scheduler: Any
     stream: BatchStream
     guard: UpdateGuard
-    generator: torch.Generator
     task: Any
     output_dir: Path
     pace: Pace | None = None
@@ -196,7 +194,7 @@ class Run:
             "elapsed_s": self.elapsed_s,
             **self.extra_state(),
         }
-        rng = [capture_rng_state({self.generator_name: self.generator})]
+        rng = [capture_rng_state()]
         if acc.num_processes > 1:
             rng = gather_object(rng)
         path = self.output_dir / "checkpoints"
@@ -222,7 +220,6 @@ class Run:
             None if sharded else self.core,
             None if sharded else self.optimizer,
             self.scheduler,
-            generators={self.generator_name: self.generator},
             rank=acc.process_index,
         )
         if sharded:

@@ -42,6 +42,7 @@ from unmask.train.common import (
     training_model,
 )
 from unmask.train.distributed import Parallel
+from unmask.train.global_batch import check_share, generators, share, stream_seed
 from unmask.train.run import Run
 from unmask.train.run_config import RunConfig
 from unmask.train.sharding import resolve_fsdp
@@ -80,18 +81,19 @@ class SFTEval:
 class SFTConfig(RunConfig):
     """``unmask sft``: every field, with the CPU-friendly defaults of a tiny model.
 
-    ``batch_size`` is per process and per micro-batch: an optimizer step sees
-    ``batch_size * grad_accum * processes`` rows. ``objective: auto`` picks ``block`` for
-    block-causal models and ``random_mask`` for full attention. ``elbo_weight`` applies the
-    ELBO's 1/t weight; ``t_min``/``t_max`` bound the mask ratio. ``resume`` is ``latest`` or a
-    checkpoint folder. ``mixed_precision: auto`` is bf16 on CUDA and fp32 on CPU (where bf16
-    autocast is slower for tiny models). ``lora`` trains LoRA adapters on a frozen base (see
-    ``unmask.models.lora``); the final model is merged. ``gradient_checkpointing`` trades
-    compute for activation memory. ``block_size`` trains at another block size than the
-    model's own (block-size adaptation, docs/sft.md); the saved model keeps the new one.
-    An update with a non-finite loss or gradient norm is skipped (``skipped_updates``);
-    ``max_bad_steps`` of them in a row stop the run. ``max_time_s`` stops the run early,
-    saving the final model, after that many seconds.
+    ``batch_size`` is the rows of a micro-batch over all processes (each holds its share, every
+    row noised from a stream of its own): an optimizer step sees ``batch_size * grad_accum``
+    rows, and a run is the same on any number of processes (:mod:`.global_batch`).
+    ``objective: auto`` picks ``block`` for block-causal models and ``random_mask`` for full
+    attention. ``elbo_weight`` applies the ELBO's 1/t weight; ``t_min``/``t_max`` bound the
+    mask ratio. ``resume`` is ``latest`` or a checkpoint folder. ``mixed_precision: auto`` is
+    bf16 on CUDA and fp32 on CPU (where bf16 autocast is slower for tiny models). ``lora``
+    trains LoRA adapters on a frozen base (see ``unmask.models.lora``); the final model is
+    merged. ``gradient_checkpointing`` trades compute for activation memory. ``block_size``
+    trains at another block size than the model's own (block-size adaptation, docs/sft.md);
+    the saved model keeps the new one. An update with a non-finite loss or gradient norm is
+    skipped (``skipped_updates``); ``max_bad_steps`` of them in a row stop the run.
+    ``max_time_s`` stops the run early, saving the final model, after that many seconds.
     """
 
     output_dir: str = "runs/sft"
@@ -145,7 +147,6 @@ class SFTTrainer(Run):
     """
 
     name = "sft"
-    generator_name = "noise"
 
     def __init__(
         self,
@@ -158,6 +159,7 @@ class SFTTrainer(Run):
         self.accelerator = acc = make_accelerator(
             cfg.mixed_precision, cfg.cpu, "sft", cfg.grad_accum > 1
         )
+        check_share("batch_size", cfg.batch_size, acc.num_processes)
         set_seed(cfg.seed)
         model = training_model(model, cfg.model, acc.device, cfg.lora, cfg.gradient_checkpointing)
         adapt_block_size(model, cfg.block_size)
@@ -174,7 +176,6 @@ class SFTTrainer(Run):
             pairs = encode_pairs(model.tokenizer, rows["prompt"], rows["target"])
         self.pairs = _filter_length(list(pairs), cfg.data.max_length)
         self.stream = BatchStream(len(self.pairs), cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed + acc.process_index)
         self.parallel = Parallel(acc, resolve_fsdp(cfg.fsdp, acc.mixed_precision))
         self.parallel.shard(model)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
@@ -218,23 +219,22 @@ class SFTTrainer(Run):
         gradient is not finite); returns global sums."""
         cfg, acc = self.config, self.accelerator
         began = time.perf_counter()
-        per_rank = cfg.batch_size * cfg.grad_accum
-        rows = self.stream.take(per_rank * acc.num_processes)
-        mine = rows[acc.process_index :: acc.num_processes]
-        batches = [
-            collate(
-                [self.pairs[i] for i in mine[j : j + cfg.batch_size]],
+        size = cfg.batch_size
+        rows = self.stream.take(size * cfg.grad_accum)
+        noised = []
+        for j in range(cfg.grad_accum):  # this process's share of each micro-batch
+            index = [j * size + k for k in share(size, acc)]
+            batch = collate(
+                [self.pairs[rows[i]] for i in index],
                 pad_id(self.core),
                 self.core.block_size,
                 self.core.settings.block_align,
                 whole_blocks=self.objective == "block",
             ).to(acc.device)
-            for j in range(0, per_rank, cfg.batch_size)
-        ]
-        noised = [
-            (b, sample_noise(b, self.objective, cfg.t_min, cfg.t_max, self.generator))
-            for b in batches
-        ]
+            streams = generators([stream_seed(cfg.seed, step, i, "noise") for i in index])
+            noise = sample_noise(batch, self.objective, cfg.t_min, cfg.t_max, streams)
+            noised.append((batch, noise))
+        batches = [b for b, _ in noised]
         local_tokens = sum(b.num_completion_tokens for b in batches)
         total = acc.reduce(torch.tensor(float(local_tokens), device=acc.device), "sum")
         # DDP averages gradients over processes: scale so the step's loss is per token of the

@@ -13,7 +13,7 @@ advantages, KL, metrics, evaluation and checkpoints stay the trainer's.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,7 @@ from unmask.objectives.step_objectives import StepObjective, get_step_objective
 from unmask.objectives.step_replay import StepViews, step_normalizers
 from unmask.sampling.step_sampler import StepSampler
 from unmask.sampling.step_trace import StepRollout
+from unmask.train.global_batch import StepGroups
 from unmask.train.rl_config import RLConfig, objective_settings
 
 if TYPE_CHECKING:
@@ -58,6 +59,12 @@ class StepRollouts:
         self.clip = ClipConfig(config.epsilon, config.epsilon_high, config.beta, level)
         self.sampler = StepSampler(replace(config.step_sampler, seed=None))
 
+    def sample(
+        self, sampler: StepSampler, model: Any, prompts: list[str], groups: StepGroups
+    ) -> StepRollout:
+        """The step's rollouts, from one stream for the step (one process only)."""
+        return sampler.generate(model, prompts, seed=groups.step_seed("sample"))
+
     def optimize(
         self, trainer: RLTrainer, rollout: StepRollout, advantages: torch.Tensor,
         kept: torch.Tensor,
@@ -67,10 +74,10 @@ class StepRollouts:
         rollout = rollout.to(acc.device)
         kept = kept.to(acc.device)
         divisors = step_normalizers(rollout, self.settings.loss_type, kept)
-        views = [
-            _kept(self.objective.views(rollout, trainer.generator), kept)
-            for _ in range(self.settings.num_iterations)
-        ]
+        groups, views = trainer.groups(), []
+        for it in range(self.settings.num_iterations):
+            generator = torch.Generator().manual_seed(groups.step_seed(f"views/{it}"))
+            views.append(_kept(self.objective.views(rollout, generator), kept))
         per_batch = _rollouts_per_batch(views[0], rollout.batch_size, cfg.micro_batch_size)
         trainer.core.train()
         totals: dict[str, float] = {}

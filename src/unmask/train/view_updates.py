@@ -25,10 +25,12 @@ from unmask.objectives import (
     policy_loss,
     token_logprobs,
 )
+from unmask.objectives.grouped import grouped_views
 from unmask.objectives.loss import ClipConfig, LossInputs, global_normalizers
 from unmask.sampling.rollout import Rollout
 from unmask.sampling.sampler import Sampler
 from unmask.train.blocks import settle_rollout_block
+from unmask.train.global_batch import StepGroups
 from unmask.train.rl_config import RLConfig, objective_settings
 from unmask.train.update import Update
 
@@ -56,12 +58,19 @@ class ViewUpdates:
         needs_logprobs = self.objective.old_logprobs == "sampler"
         self.sampler = Sampler(replace(sampler, return_logprobs=needs_logprobs, seed=None))
 
+    def sample(
+        self, sampler: Sampler, model: DiffusionLM, prompts: list[str], groups: StepGroups
+    ) -> Rollout:
+        """The step's rollouts of this process, each group from its own stream."""
+        return sampler.generate(model, prompts, group_seeds=groups.seeds("sample"))
+
     def optimize(
         self, trainer: RLTrainer, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor
     ) -> dict[str, float]:
         """``num_iterations`` optimizer updates; old and reference log-probs are taken first.
 
-        ``advantages`` are per rollout ``[B]`` or per completion token ``[B, G]``."""
+        ``advantages`` are per rollout ``[B]`` or per completion token ``[B, G]``. Each pass's
+        views are drawn group by group, from the group's stream for that pass."""
         device = trainer.accelerator.device
         rollout = rollout.to(device)
         advantages, kept = advantages.to(device), kept.to(device)
@@ -71,11 +80,16 @@ class ViewUpdates:
             global_normalizers(trainer.accelerator, rollout, self.settings.loss_type, kept),
             self._sampling_kwargs(trainer.config),
         )
-        passes = range(self.settings.num_iterations)
-        built = [self.objective.views(rollout, trainer.generator) for _ in passes]
+        groups = trainer.groups()
+        built = [
+            grouped_views(self.objective, rollout, groups.generators(f"views/{it}"))
+            for it in range(self.settings.num_iterations)
+        ]
         views = [trained_views(v, kept) for v in built]
-        olds = [self._old_logprobs(trainer, v, rollout, batch.sample_kw) for v in views]
-        refs = [self._reference_logprobs(trainer, v, batch.sample_kw) for v in views]
+        pairs = list(zip(views, built, strict=True))
+        kw = batch.sample_kw
+        olds = [self._old_logprobs(trainer, v, b, rollout, kw) for v, b in pairs]
+        refs = [self._reference_logprobs(trainer, v, b, kw) for v, b in pairs]
         trainer.core.train()
         means = _Means()
         for it, (view, old, ref) in enumerate(zip(views, olds, refs, strict=True)):
@@ -148,7 +162,12 @@ class ViewUpdates:
 
     @torch.no_grad()
     def _old_logprobs(
-        self, trainer: RLTrainer, views: ViewBatch, rollout: Rollout, sample_kw: dict[str, Any]
+        self,
+        trainer: RLTrainer,
+        views: ViewBatch,
+        spare: ViewBatch,
+        rollout: Rollout,
+        sample_kw: dict[str, Any],
     ) -> torch.Tensor | None:
         """Log-probs of the policy that sampled: stored by the sampler (AGRPO), recomputed
         with the pre-update model, or None when the first pass is on-policy (``num_iterations``
@@ -158,28 +177,29 @@ class ViewUpdates:
         if self.settings.num_iterations == 1 or self.objective.ratio_free:
             return None
         trainer.core.eval()
-        return _no_grad_logprobs(trainer, trainer.core, views, sample_kw)
+        return _no_grad_logprobs(trainer, trainer.core, views, spare, sample_kw)
 
     @torch.no_grad()
     def _reference_logprobs(
-        self, trainer: RLTrainer, views: ViewBatch, sample_kw: dict[str, Any]
+        self, trainer: RLTrainer, views: ViewBatch, spare: ViewBatch, sample_kw: dict[str, Any]
     ) -> torch.Tensor | None:
         if trainer.reference is None:
             return None
-        return _no_grad_logprobs(trainer, trainer.reference, views, sample_kw)
+        return _no_grad_logprobs(trainer, trainer.reference, views, spare, sample_kw)
 
 
 def _no_grad_logprobs(
-    trainer: RLTrainer, model: Any, views: ViewBatch, sample_kw: dict[str, Any]
+    trainer: RLTrainer, model: Any, views: ViewBatch, spare: ViewBatch, sample_kw: dict[str, Any]
 ) -> torch.Tensor:
     """Log-probs of ``views`` (called without gradients); under FSDP2 with as many forwards
-    as the busiest process runs (each is a collective)."""
+    as the busiest process runs (each is a collective, so the count is agreed first; the
+    extra ones score a view of ``spare``, the pass's views, never empty)."""
     size, parallel = trainer.config.micro_batch_size, trainer.parallel
+    extra = parallel.spare_passes(-(-len(views) // size)) if parallel.sharded else 0
     with trainer.accelerator.autocast():
         out = token_logprobs(model, views, size, **sample_kw)
-        if parallel.sharded:
-            for _ in range(parallel.spare_passes(-(-len(views) // size))):
-                token_logprobs(model, views.select(slice(0, 1)), 1, **sample_kw)
+        for _ in range(extra):
+            token_logprobs(model, spare.select(slice(0, 1)), 1, **sample_kw)
     return out
 
 
