@@ -113,3 +113,27 @@ def test_views_weigh_only_scored_cells_with_finite_weights(rollout, name, option
     assert torch.isfinite(views.weights).all()
     assert (views.weights[~views.scored] == 0).all()
     assert views.two_stream == options.get("two_stream", False)
+
+
+def test_the_capability_table_in_the_docs_matches_the_classes():
+    """docs/objectives.md's table of each objective's capabilities says what the classes do."""
+    from repo_root import REPO
+
+    text = (REPO / "docs" / "objectives.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| name | `num_iter"))
+    columns = [c.strip(" `") for c in header.strip("|").split("|")]
+    rows = [
+        [c.strip(" `") for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| `") and len(line.split("|")) == len(header.split("|"))
+    ]
+    documented = {row[0]: dict(zip(columns[1:], row[1:], strict=True)) for row in rows}
+    assert set(documented) >= set(OBJECTIVES), sorted(set(OBJECTIVES) - set(documented))
+    for name, cls in OBJECTIVES.items():
+        doc = documented[name]
+        assert int(doc["num_iterations"]) == cls.num_iterations, name
+        assert doc["scale_rewards"] == cls.scale_rewards, name
+        assert doc["old_logprobs"].split()[0] == cls.old_logprobs, name
+        for flag in ("scores_trace_states", "supports_two_stream", "masks_prompt", "ratio_free",
+                     "scores_sampling_distribution"):  # fmt: skip
+            assert (doc[flag] == "yes") == bool(getattr(cls, flag)), (name, flag)
