@@ -20,8 +20,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-OBJECTIVES = ("tracerl", "agrpo", "diffu_grpo", "coupled", "random_mask", "elbo")
-
 
 def start_model(task: str, args: argparse.Namespace, work: Path) -> tuple[Path, dict]:
     """The recipe's SFT model (cached by recipe) and its held-out evaluation."""
@@ -74,9 +72,11 @@ def run_rl(task: str, objective: str, seed: int, start: Path, args, work: Path) 
 
 
 def main() -> None:
+    from unmask.objectives import OBJECTIVES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", nargs="+", default=["sudoku", "countdown"])
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES))
+    parser.add_argument("--objectives", nargs="+", default=sorted(OBJECTIVES))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=120.0, help="RL seconds per run")
     parser.add_argument("--eval-limit", type=int, default=512)
