@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 READ_SIZE = 1 << 16
 POLL = 0.05  # seconds between checks whether a watched process has exited
+SETTLE = 0.5  # seconds a program the test saw end may take to report how it ended
 
 
 @dataclass
@@ -45,6 +46,16 @@ def communicate(children: Sequence[Child], watch: Child, deadline: float, cap: i
     finally:
         for child in children:
             child.code = child.popen.poll()
+
+
+def settle(child: Child, deadline: float) -> None:
+    """Wait (at most ``SETTLE`` seconds, never past ``deadline``) for a child known to be
+    ending, and record how it ended: a program killed by its CPU limit while the test process
+    was reporting it gone must read ``cpu_time``, not "still running"."""
+    if child.code is None:
+        grace = min(SETTLE, max(0.0, deadline - time.monotonic()))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.code = child.popen.wait(grace)
 
 
 def _pump(children: Sequence[Child], watch: Child, deadline: float, cap: int) -> str:

@@ -45,7 +45,7 @@ from unmask.sandbox.isolation import (
     wait_idle,
     world_usable,
 )
-from unmask.sandbox.process import Child, communicate, exit_status, kill, remove_tree
+from unmask.sandbox.process import Child, communicate, exit_status, kill, remove_tree, settle
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,8 @@ class Sandbox:
                 os.close(fd)
             pipes = []
             ending = communicate(children, children[-1], deadline, self.config.max_output_kb << 10)
+            if job.mode == "function" and _program_gone(children[1]):
+                settle(children[0], deadline)
         finally:
             for fd in pipes:
                 os.close(fd)
@@ -351,6 +353,12 @@ class Sandbox:
             if self._kind == "fallback" and not self.private_mounts:
                 for path in remove_owned(uid):
                     logger.debug("removed %s, left by a sandboxed program", path)
+
+
+def _program_gone(test: Child) -> bool:
+    """The test process reports that the program's process ended under it."""
+    verdict = _verdict(test.text("stdout")) if test.code == 0 else None
+    return bool(verdict) and str(verdict.get("reason", "")).startswith("ProgramGone")
 
 
 def _verdict(stdout: str) -> dict[str, Any] | None:
