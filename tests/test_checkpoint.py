@@ -104,8 +104,8 @@ def test_partial_or_corrupt_checkpoint_is_refused(tmp_path, damage):
     first = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
     second = save_checkpoint(tmp_path, 2, model, optimizer, scheduler)
     if damage == "delete":
-        (second / "optimizer.pt").unlink()
-        message = "optimizer.pt is missing"
+        (second / "optimizer" / ".metadata").unlink()
+        message = "optimizer/.metadata is missing"
     elif damage == "truncate":
         weights = second / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:100])
@@ -171,10 +171,11 @@ def test_manifest_digests_are_those_of_the_written_files(tmp_path):
     _train_step(model, optimizer, scheduler)
     path = save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
     manifest = json.loads((path / "checkpoint.json").read_text())
-    # hashed while written (optimizer, scheduler, rng, trainer state) or right after (the rest)
+    # hashed while written (scheduler, rng, trainer state) or right after (the rest, the
+    # optimizer's DCP files among them)
     assert set(manifest["sha256"]) == set(manifest["files"]) >= {
-        "model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "rng_state.pt",
-        "trainer_state.json",
+        "model.safetensors", "config.json", "optimizer/.metadata", "optimizer/__0_0.distcp",
+        "scheduler.pt", "rng_state.pt", "trainer_state.json",
     }  # fmt: skip
     for name, digest in manifest["sha256"].items():
         assert file_sha256(path / name) == digest, name
@@ -188,7 +189,7 @@ def test_same_size_corruption_is_refused_on_resume(tmp_path, damage):
         name = "model.safetensors"
         _flip_byte(path / name)
     else:
-        name = "optimizer.pt"
+        name = "optimizer/__0_0.distcp"
         data = bytearray((path / name).read_bytes())
         data[-600:-100] = bytes(500)  # a zeroed block, as a bad disk sector leaves it
         (path / name).write_bytes(bytes(data))
@@ -230,8 +231,8 @@ def test_old_manifests_and_disabled_checksums_check_sizes_only(tmp_path, monkeyp
     manifest_path.write_text(json.dumps(manifest))
     assert load_checkpoint(path, model, optimizer, scheduler)["step"] == 1
     verify_model_folder(path)
-    (path / "optimizer.pt").write_bytes(b"short")
-    with pytest.raises(CheckpointError, match=r"optimizer\.pt has 5 bytes"):
+    (path / "optimizer" / "__0_0.distcp").write_bytes(b"short")
+    with pytest.raises(CheckpointError, match=r"optimizer/__0_0\.distcp has 5 bytes"):
         verify_model_folder(path)
 
 

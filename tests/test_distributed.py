@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from two_processes import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, PROMPTS, GENERATIONS = 2, 4, 4  # PROMPTS: per step, over both ranks
@@ -99,20 +100,7 @@ def worker(output_dir: str, value: bool = False) -> None:
 
 def _launch(out: Path, *args: str) -> subprocess.CompletedProcess:
     """``accelerate launch`` this file's worker on two CPU ranks (DDP)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        __file__, str(out), *args,
-    ]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launch(__file__, "ddp.yaml", str(out), *args, timeout=300)
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """FSDP2 on 2 CPU processes (gloo), through ``accelerate launch`` with the shipped
 ``configs/accelerate/fsdp.yaml`` (accelerate itself ignores FSDP on CPU; the trainers shard
-the model themselves, as on GPUs) against the same runs under ``ddp.yaml``: SFT, TraceRL and
-AGRPO end with the same weights, rollouts from the gathered inference copy equal rollouts
-sampled through the sharded model, and an FSDP2 checkpoint resumes on one process.
+the model themselves, as on GPUs) against the same runs under ``ddp.yaml``: SFT, TraceRL,
+AGRPO and TraceRL with the value model (sharded as the policy) end with the same weights,
+rollouts from the gathered inference copy equal rollouts sampled through the sharded model,
+and FSDP2 checkpoints (the value model's among them) resume on one process.
 
 The file is also the worker: ``accelerate launch tests/test_fsdp.py OUT_DIR``.
 """
@@ -10,15 +11,21 @@ The file is also the worker: ``accelerate launch tests/test_fsdp.py OUT_DIR``.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RUNS = ("sft", "tracerl", "agrpo")
+from two_processes import launch_ok
+
+RUNS = ("sft", "tracerl", "agrpo", "value")
+# The "value" run: TraceRL with the value model, trained at even steps (forwards alone at odd);
+# rank 1's groups are all dropped, so its value passes are all spare ones (see ``variety``).
+VALUE = {
+    "value_model": {"enabled": True, "lr": 1e-3, "train_every": 2},
+    "drop_zero_std_groups": True,
+}
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # fp32, sums over shards in another order
 
 
@@ -63,6 +70,24 @@ def _sft_config(output_dir: Path, **changes):
     return from_dict(SFTConfig, {**base, **changes})
 
 
+def variety(prompts, completions, **_):
+    """A reward an untrained policy varies on (the fraction of distinct characters), so the
+    value model has returns to learn (sudoku's own is 0 for every completion here); constant
+    on rank 1, whose groups ``drop_zero_std_groups`` then drops: it keeps no rollout, and its
+    sharded value forwards (collectives) are all spare ones."""
+    if os.environ.get("RANK", "0") == "1":
+        return [0.0] * len(completions)
+    return [len(set(c)) / max(len(c), 1) for c in completions]
+
+
+def _task():
+    from unmask.tasks.registry import get_task
+
+    solved = get_task("sudoku").reward_funcs[1]  # the accuracy reward stays, weight 0
+    return get_task("sudoku", num_train=32, blanks=4, reward_funcs=[variety, solved],
+                    reward_weights=[1.0, 0.0])  # fmt: skip
+
+
 def worker(output_dir: str) -> None:
     """Each run's final weights on this rank; under FSDP also both rollout paths' tokens."""
     from unmask.sampling import Sampler, SamplerConfig
@@ -73,14 +98,17 @@ def worker(output_dir: str) -> None:
     out = Path(output_dir)
     results: dict[str, object] = {}
     for run in RUNS:
-        trainer = (
-            SFTTrainer(_sft_config(out / run, save_every=2))
-            if run == "sft"
-            else RLTrainer(_rl_config(out / run, run, save_every=2))
-        )
+        if run == "sft":
+            trainer = SFTTrainer(_sft_config(out / run, save_every=2))
+        elif run == "value":
+            config = _rl_config(out / run, "tracerl", save_every=2, **VALUE)
+            trainer = RLTrainer(config, task=_task())
+        else:
+            trainer = RLTrainer(_rl_config(out / run, run, save_every=2))
         trainer.train()
-        with trainer.parallel.whole(trainer.model) as whole:
-            results[run] = {k: v.detach().clone() for k, v in whole.state_dict().items()}
+        results[run] = _whole(trainer.parallel, trainer.model)
+        if run == "value":
+            results["value_model"] = _whole(trainer.value.parallel, trainer.value.model)
         if run == "tracerl" and trainer.parallel.sharded:
             sampler = Sampler(SamplerConfig(gen_length=8, temperature=1.0))
             prompts = ["1203", "3012"]  # the same on both ranks: sharded forwards in lockstep
@@ -93,25 +121,14 @@ def worker(output_dir: str) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
+def _whole(parallel, model) -> dict[str, torch.Tensor]:
+    with parallel.whole(model) as whole:
+        return {k: v.detach().clone() for k, v in whole.state_dict().items()}
+
+
 def _launch(config: str, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs/accelerate" / config),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        __file__, str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_ok(__file__, config, out)
     return torch.load(out / "rank0.pt", weights_only=False)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -119,9 +136,11 @@ def test_fsdp2_trains_as_ddp_and_resumes_on_one_process(tmp_path):
     ddp = _launch("ddp.yaml", tmp_path / "ddp")
     fsdp = _launch("fsdp.yaml", tmp_path / "fsdp")
     assert fsdp["sharded"] and not ddp["sharded"]
-    for run in RUNS:
+    for run in (*RUNS, "value_model"):
         for name, value in ddp[run].items():
             torch.testing.assert_close(fsdp[run][name], value, **TOLERANCE, msg=f"{run}: {name}")
+    head = fsdp["value_model"]["value_head.weight"]
+    assert head.abs().sum() > 0, "the value head (zero at start) was not trained"
     through_shards, gathered = fsdp["rollouts"]
     assert torch.equal(through_shards, gathered)
 
@@ -137,6 +156,22 @@ def test_fsdp2_trains_as_ddp_and_resumes_on_one_process(tmp_path):
         assert torch.equal(value, fsdp["tracerl"][name]), name
     resumed = RLTrainer(_rl_config(tmp_path / "fsdp" / "tracerl", "tracerl", max_steps=3,
                                    resume="latest"))  # fmt: skip
+    resumed.train()
+    assert resumed.steps_done == 2
+
+    # The value model: its final folder holds the trained weights, and its checkpoint (weights
+    # and optimizer state, sharded) loads on one process as saved.
+    from unmask.objectives.value import ValueModel
+
+    run = tmp_path / "fsdp" / "value"
+    final = ValueModel.from_pretrained(run / "final_value", "float32", "cpu").state_dict()
+    assert final.keys() == fsdp["value_model"].keys()
+    assert all(torch.equal(v, fsdp["value_model"][k]) for k, v in final.items())
+    config = _rl_config(run, "tracerl", max_steps=3, resume="latest", **VALUE)
+    resumed = RLTrainer(config, task=_task())
+    assert resumed._resume() == 2
+    for name, value in resumed.value.core.state_dict().items():
+        assert torch.equal(value, fsdp["value_model"][name]), name
     resumed.train()
     assert resumed.steps_done == 2
 

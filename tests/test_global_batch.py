@@ -13,15 +13,14 @@ The file is also the worker: ``accelerate launch tests/test_global_batch.py OUT_
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from two_processes import launch_ok
+
 # fp32: the same sums, split over processes and micro-batches in another order (gradients agree
 # to ~1e-6 of their largest entry). Adam divides each gradient by its own size, so an entry
 # near zero whose rounding differs moves its weight by up to the learning rate: a small one
@@ -129,22 +128,8 @@ def _final(trainer) -> dict:
 
 
 def _launch(config: str, out: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "configs/accelerate" / config),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        __file__, str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    launch_ok(__file__, config, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 PROMPTS = ["1203"] * 3 + ["30121234"] * 3 + ["12"] * 3  # 3 groups of 3, unequal lengths

@@ -9,8 +9,6 @@ the same run on one node with two processes (``fsdp.yaml``); the checkpoint load
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from two_processes import environment, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = ROOT / "configs" / "accelerate"
@@ -35,12 +35,6 @@ CONFIG = {
     "progress": False,
     "plots": False,
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _command(config_file: str, recipe: Path, *launch: str) -> list[str]:
@@ -89,11 +83,11 @@ def test_multinode_config_shards_as_the_single_node_one():
 
 @pytest.mark.slow
 def test_two_nodes_of_one_process_train_as_one_node_of_two(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = environment()
     run = dict(env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     recipe, multi = _recipe(tmp_path, "multinode")
-    port = str(_free_port())
+    port = str(free_port())
 
     def node(rank: int) -> list[str]:
         launch = [
@@ -106,7 +100,7 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(tmp_path):
     _wait(nodes)
 
     recipe, single = _recipe(tmp_path, "single")
-    launch = ("--num_processes", "2", "--main_process_port", str(_free_port()))
+    launch = ("--num_processes", "2", "--main_process_port", str(free_port()))
     _wait([subprocess.Popen(_command("fsdp.yaml", recipe, *launch), **run)])
 
     from unmask.metrics import read_metrics

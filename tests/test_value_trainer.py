@@ -35,7 +35,7 @@ def test_value_run_logs_saves_and_resumes_exactly(tmp_path):
     assert_same_weights(straight.value.core, saved)
 
     checkpoint = latest_checkpoint(tmp_path / "straight")  # after step 2 of 3
-    assert checkpoint.name.endswith("2") and (checkpoint / "value_optimizer.pt").is_file()
+    assert checkpoint.name.endswith("2") and (checkpoint / "value_model" / ".metadata").is_file()
     resumed = RLTrainer(_config(tmp_path, "resumed", resume=str(checkpoint)), task=sevens_task())
     resumed.train()
     assert_same_weights(straight.core, resumed.core)

@@ -20,7 +20,7 @@ from torch import nn
 
 from unmask.models.diffusion_lm import DiffusionLM
 from unmask.train import sharding
-from unmask.train.checkpoint import OPTIMIZER, load_model_weights
+from unmask.train.checkpoint import load_model_weights
 from unmask.train.sharding import FSDPConfig
 
 
@@ -65,16 +65,9 @@ class Parallel:
         with sharding.gathered_replica(model, self._template, dtype, device, main_only) as replica:
             yield replica
 
-    def optimizer_state(self, model: nn.Module, optimizer: Any) -> Any:
-        """What a checkpoint stores of the optimizer (collective under FSDP2): the full state
-        keyed by parameter names, or under DDP the optimizer itself (its own state dict)."""
-        if not self.sharded:
-            return optimizer
-        return sharding.optimizer_state(model, optimizer)
-
-    def load(self, path: Path, model: DiffusionLM, optimizer: Any) -> None:
-        """Load a checkpoint's weights and optimizer state, written on any number of processes,
-        into the sharded ``model`` and its ``optimizer`` (under DDP ``load_checkpoint`` does)."""
+    def load_weights(self, path: Path, model: DiffusionLM) -> None:
+        """Load a checkpoint's consolidated weights into the sharded ``model`` (each process
+        keeps its shards; the optimizer state is loaded by ``load_checkpoint``)."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -86,9 +79,6 @@ class Parallel:
         load_model_weights(host, path)
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, host.state_dict(), options=options)
-        del host
-        state = torch.load(path / OPTIMIZER, weights_only=True)
-        sharding.load_optimizer_state(model, optimizer, state)
 
     def sampling_dtype(self) -> torch.dtype | None:
         """The dtype rollouts run in: bf16 under the bf16 policy, else the weights' own."""

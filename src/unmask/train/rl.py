@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from unmask.models.loading import DiffusionModel
@@ -41,7 +40,7 @@ from unmask.train.curriculum import Curriculum
 from unmask.train.distributed import Parallel, over_processes
 from unmask.train.global_batch import StepGroups, check_share, gather_rollouts
 from unmask.train.rl_config import RLConfig
-from unmask.train.rl_value import WithValue, token_advantages, value_learner
+from unmask.train.rl_value import token_advantages, value_learner
 from unmask.train.run import Run
 from unmask.train.scoring import rollout_metrics, score_rollouts
 from unmask.train.sharding import resolve_fsdp
@@ -89,8 +88,8 @@ class RLTrainer(Run):
                                      cfg.data.difficulty_field)  # fmt: skip
         self.reference = reference_model(model) if cfg.beta > 0 else None
         self.parallel = Parallel(acc, resolve_fsdp(cfg.fsdp, acc.mixed_precision))
-        if self.parallel.sharded and cfg.value_model.enabled:
-            raise ValueError("value_model is not sharded yet: run it under DDP (docs/scale.md)")
+        vcfg = cfg.value_model  # the value model copies the policy: before it is sharded
+        self.value = value_learner(cfg, model, acc, self.parallel.fsdp) if vcfg.enabled else None
         self.parallel.shard(model, self.reference)
         optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.adam_betas)
         self.scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
@@ -98,8 +97,6 @@ class RLTrainer(Run):
         self.guard = UpdateGuard(acc, cfg.max_bad_steps)
         self.updater = Updater(acc, self.parallel, self.model, self.optimizer, self.guard,
                                cfg.max_grad_norm)  # fmt: skip
-        vcfg = cfg.value_model
-        self.value = value_learner(cfg, model, acc) if vcfg.enabled else None
         self.token_reward = None
         if vcfg.enabled and vcfg.token_reward:
             self.token_reward = load_token_reward(vcfg.token_reward)
@@ -197,12 +194,16 @@ class RLTrainer(Run):
         if self.value is not None:
             self.value.load_state(path)
 
-    def checkpointed(self, model: nn.Module) -> Any:
-        return model if self.value is None else WithValue(model, self.value)
+    def write_checkpoint_files(self, folder: Path) -> None:
+        if self.value is not None:
+            self.value.save_state(folder)
 
     def save_extras(self) -> None:
-        if self.value is not None:
-            save_model(self.value.core, self.output_dir / "final_value")
+        if self.value is None:
+            return
+        with self.value.parallel.whole(self.value.model, main_only=True) as value:
+            if self.accelerator.is_main_process:
+                save_model(value, self.output_dir / "final_value")
 
 
 def train_rl(config: RLConfig) -> Path:

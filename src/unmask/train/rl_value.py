@@ -1,10 +1,9 @@
 """The value model's part of ``unmask rl`` (TraceRL's diffusion value model, docs/value.md):
-its learner, set up next to the policy; a step's rewards turned into token advantages; and its
-files, saved with the policy's checkpoints."""
+its learner, set up next to the policy and sharded as it is; and a step's rewards turned into
+token advantages."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +22,14 @@ from unmask.train.value_learner import ValueLearner
 from unmask.train.view_updates import trained_views
 
 
-def value_learner(config: RLConfig, policy: DiffusionLM, accelerator: Any) -> ValueLearner:
+def value_learner(
+    config: RLConfig, policy: DiffusionLM, accelerator: Any, fsdp: FSDPConfig
+) -> ValueLearner:
     """The value model (from ``value_model.init``, else a copy of the starting policy's
-    backbone) at the policy's block size, with its own AdamW at ``value_model.lr``, prepared
-    like the policy and updated by the same machinery (not sharded: DDP only). A skipped value
-    update is counted (``value_skipped_updates``) but never stops the run."""
+    backbone, so build it before the policy is sharded) at the policy's block size, with its
+    own AdamW at ``value_model.lr``, prepared like the policy (DDP, or sharded by FSDP2 with
+    the policy's ``fsdp`` settings) and updated by the same machinery. A skipped value update
+    is counted (``value_skipped_updates``) but never stops the run."""
     vcfg = config.value_model
     if vcfg.init is None:
         if has_lora(policy):
@@ -46,11 +48,12 @@ def value_learner(config: RLConfig, policy: DiffusionLM, accelerator: Any) -> Va
             )
     core.set_block_size(policy.block_size)  # an adapted policy's value model follows it
     core = core.to(accelerator.device)
+    parallel = Parallel(accelerator, fsdp)
+    parallel.shard(core)
     optimizer = build_optimizer(core, vcfg.lr, config.weight_decay, config.adam_betas)
-    model, optimizer = accelerator.prepare(core, optimizer)
+    model, optimizer = parallel.prepare(core, optimizer)
     guard = UpdateGuard(accelerator, config.max_bad_steps, "value update")
-    updater = Updater(accelerator, Parallel(accelerator, FSDPConfig()), model, optimizer, guard,
-                      config.max_grad_norm)  # fmt: skip
+    updater = Updater(accelerator, parallel, model, optimizer, guard, config.max_grad_norm)
     shrink = vcfg.shrink or int(config.objective_options.get("shrink", 1))
     return ValueLearner(vcfg, core, updater, shrink, config.micro_batch_size)
 
@@ -87,16 +90,3 @@ def token_advantages(
     train = step % vcfg.train_every == 0
     advantages, metrics = learner.step(views, rollout, outcome, process, kept, train, step)
     return advantages, kept, metrics
-
-
-class WithValue:
-    """The policy as a checkpoint saves it: its folder also gets the value model's files, so
-    they are listed in the manifest and renamed into place atomically with the rest."""
-
-    def __init__(self, policy: DiffusionLM, value: ValueLearner) -> None:
-        self.policy, self.value = policy, value
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Save the policy, then the value model's files beside it."""
-        self.policy.save_pretrained(path)
-        self.value.save_state(Path(path))

@@ -95,12 +95,13 @@ class Run:
     def load_extra_state(self, state: dict[str, Any], path: Path) -> None:
         """Restore :meth:`extra_state` (and any files of its own) from checkpoint ``path``."""
 
-    def checkpointed(self, model: nn.Module) -> Any:
-        """What a checkpoint saves as the model (it may write extra files into the folder)."""
-        return model
+    def write_checkpoint_files(self, folder: Path) -> None:
+        """Write the trainer's own files into the checkpoint ``folder`` being written (every
+        process; listed in its manifest)."""
 
     def save_extras(self) -> None:
-        """Save what the final model does not hold (main process, after it)."""
+        """Save what the final model does not hold (every process, after it: a sharded model
+        is gathered)."""
 
     # -- the loop --------------------------------------------------------------------------
     @property
@@ -155,8 +156,7 @@ class Run:
         with self.parallel.whole(self.model, main_only=True) as whole:
             if main:
                 save_final(whole, final)
-        if main:
-            self.save_extras()
+        self.save_extras()
         acc.wait_for_everyone()
         writer.close()
         if main and cfg.plots:
@@ -184,8 +184,8 @@ class Run:
 
     def save(self, step: int) -> Path:
         """Checkpoint ``step``: weights, optimizer, scheduler, the RNG states of every process,
-        the data position and the trainer's state. Every process calls it; the whole model and
-        optimizer state are put together (they may be sharded) and the main process writes."""
+        the data position and the trainer's state. Every process calls it: the main process
+        writes the whole model (gathered, if sharded), every process its optimizer shards."""
         acc = self.accelerator
         state = {
             "data": self.stream.state_dict(),
@@ -197,14 +197,12 @@ class Run:
         rng = [capture_rng_state()]
         if acc.num_processes > 1:
             rng = gather_object(rng)
-        path = self.output_dir / "checkpoints"
-        optimizer = self.parallel.optimizer_state(self.model, self.optimizer)
         with self.parallel.whole(self.model, main_only=True) as model:
-            if acc.is_main_process:
-                path = save_checkpoint(
-                    self.output_dir, step, self.checkpointed(model), optimizer, self.scheduler,
-                    state, rng_states=rng, keep_last=self.config.keep_last,
-                )  # fmt: skip
+            path = save_checkpoint(
+                self.output_dir, step, model, self.optimizer, self.scheduler, state,
+                rng_states=rng, keep_last=self.config.keep_last, trained=self.model,
+                write_extra=self.write_checkpoint_files,
+            )  # fmt: skip
         acc.wait_for_everyone()
         return path
 
@@ -218,12 +216,13 @@ class Run:
         state = load_checkpoint(
             path,
             None if sharded else self.core,
-            None if sharded else self.optimizer,
+            self.optimizer,
             self.scheduler,
             rank=acc.process_index,
+            trained=self.model,
         )
         if sharded:
-            self.parallel.load(path, self.core, self.optimizer)
+            self.parallel.load_weights(path, self.core)
         rows = int(state.get("num_rows", self.stream.size))  # absent in older RL checkpoints
         if rows != self.stream.size:
             raise ValueError(

@@ -80,8 +80,8 @@ def shard(model: DiffusionLM, config: FSDPConfig) -> None:
         options["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16, reduce_dtype=torch.float32
         )
-    if config.cpu_offload:
-        options["offload_policy"] = CPUOffloadPolicy()
+    if config.cpu_offload:  # pinned host memory (fast copies) needs an accelerator to exist
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.accelerator.is_available())
     for layer in decoder_layers(model):
         fully_shard(layer, **options)
     fully_shard(model, **options)
@@ -133,7 +133,7 @@ def gathered_replica(
         return
     if main_only:
         device = torch.device("cpu")
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    state = {k: _own_storage(v.to(device=device, dtype=dtype or v.dtype)) for k, v in state.items()}
     replica = copy.deepcopy(template)
     replica.load_state_dict(state, assign=True)
     tie_weights(replica)
@@ -144,35 +144,13 @@ def gathered_replica(
         del replica
 
 
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The full optimizer state keyed by parameter names, on the main process (collective):
-    loadable on any number of processes, sharded or not (:func:`load_optimizer_state`)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, optimizer, options=_options(True))
-
-
-def load_optimizer_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
-) -> None:
-    """Load a full optimizer state (names or, as ``optimizer.state_dict()`` writes them,
-    indices as keys) into the optimizer of ``model``, sharded or not."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_optimizer_state_dict,
-    )
-
-    if any(isinstance(k, int) for k in state["state"]) or not state["state"]:
-        names = {id(p): n for n, p in model.named_parameters()}
-        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-        state = {
-            "state": {order[i]: v for i, v in state["state"].items()},
-            "param_groups": [
-                {**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]
-            ],
-        }
-    options = StateDictOptions(full_state_dict=True)
-    set_optimizer_state_dict(model, optimizer, state, options=options)
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a view into a larger storage: FSDP2 gathers a parameter
+    whose rows do not split evenly over the processes into a padded buffer, and safetensors
+    refuses to save tied weights (a LoRA folder's embeddings and LM head) held that way."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float | None) -> float:

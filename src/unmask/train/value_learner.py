@@ -34,10 +34,11 @@ from unmask.objectives.value import (
     whiten,
 )
 from unmask.sampling.rollout import Rollout
+from unmask.train.checkpoint import load_sharded, save_sharded
+from unmask.train.sharding import missing_passes
 from unmask.train.update import Update, Updater
 
-VALUE_STATE = "value_model.pt"
-VALUE_OPTIMIZER = "value_optimizer.pt"
+VALUE_STATE = "value_model"  # a DCP folder: the weights and the optimizer state, as sharded
 
 
 class ValueLearner:
@@ -45,7 +46,9 @@ class ValueLearner:
 
     ``core`` is the unwrapped :class:`ValueModel`; ``updater`` takes its optimizer updates and
     holds the module to call for gradients (``updater.model``: ``core`` prepared by the
-    accelerator) and its optimizer. ``shrink`` trace steps are merged per value state.
+    accelerator, or under FSDP2 ``core`` itself, sharded as the policy is), its optimizer and
+    its :class:`~unmask.train.distributed.Parallel`. ``shrink`` trace steps are merged per
+    value state.
     """
 
     def __init__(
@@ -60,6 +63,7 @@ class ValueLearner:
         self.model: nn.Module = updater.model
         self.optimizer: torch.optim.Optimizer = updater.optimizer
         self.accelerator: Accelerator = updater.accelerator
+        self.parallel = updater.parallel
         self.trace = TraceRL(shrink=shrink, two_stream=core.layout == "block")
         self.micro_batch_size = micro_batch_size
 
@@ -99,9 +103,10 @@ class ValueLearner:
         metrics: dict[str, float] = {}
         if train:
             divisors = global_normalizers(self.accelerator, rollout, "dapo", kept.to(device))
-            spare = self.views(rollout).select(slice(0, 1))  # never empty, unlike ``views``
+            spare = self._spare(rollout)
             old, metrics = self.update(views, views.per_token(returns), divisors, spare, rl_step)
         else:
+            self._spare_forwards(len(views), rollout)
             old = self.values(views)
         values = _to_completion(views, old, ranks.shape)
         advantages = gae(values, rewards, ranks, cfg.gamma, cfg.lam) if anything else zeros
@@ -126,6 +131,26 @@ class ValueLearner:
                 chunk = views.select(slice(start, start + self.micro_batch_size))
                 out.append(scored_values(self.core, self.core, chunk))
         return torch.cat(out) if out else torch.zeros(views.scored.shape, device=self.core.device)
+
+    @torch.no_grad()
+    def _spare_forwards(self, count: int, rollout: Rollout) -> None:
+        """Under FSDP2 every forward is a collective: while another process runs more
+        micro-batches of :meth:`values` than this one's ``count`` views make, forwards of a
+        spare view, discarded."""
+        if not self.parallel.sharded:
+            return
+        missing = missing_passes(self.accelerator, -(-count // self.micro_batch_size))
+        if not missing:
+            return
+        spare = self._spare(rollout)
+        self.core.eval()
+        with self.accelerator.autocast():
+            for _ in range(missing):
+                scored_values(self.core, self.core, spare)
+
+    def _spare(self, rollout: Rollout) -> ViewBatch:
+        """One view of ``rollout`` for zero-weight passes (never empty, unlike trained views)."""
+        return self.views(rollout).select(slice(0, 1))
 
     def update(
         self,
@@ -189,22 +214,22 @@ class ValueLearner:
         chunks = [slice(start, start + size) for start in range(0, len(views), size)]
         return self.updater(chunks, loss, spare_pass, rl_step)
 
-    # -- checkpoints: files next to the policy's, listed in the same manifest -----------------
+    # -- checkpoints: a folder next to the policy's files, listed in the same manifest -------
     def save_state(self, folder: Path) -> None:
-        """Write the value model's weights and optimizer into a checkpoint folder."""
-        torch.save(self.core.state_dict(), folder / VALUE_STATE)
-        torch.save(self.optimizer.state_dict(), folder / VALUE_OPTIMIZER)
+        """Write the value model's weights and optimizer state into a checkpoint folder, as
+        they are sharded (every process; nothing gathered): resumable on any number of
+        processes, as the policy's optimizer state."""
+        save_sharded(self.model, self.optimizer, folder / VALUE_STATE, weights=True)
 
     def load_state(self, folder: Path) -> None:
-        """Restore what :meth:`save_state` wrote; a clear error when the folder has none."""
-        for name in (VALUE_STATE, VALUE_OPTIMIZER):
-            if not (folder / name).is_file():
-                raise CheckpointError(
-                    f"checkpoint {folder} has no {name}: it was written without a value model "
-                    "(value_model.enabled was false)"
-                )
-        self.core.load_state_dict(torch.load(folder / VALUE_STATE, weights_only=True))
-        self.optimizer.load_state_dict(torch.load(folder / VALUE_OPTIMIZER, weights_only=True))
+        """Restore what :meth:`save_state` wrote (every process); a clear error when the folder
+        has none."""
+        if not (folder / VALUE_STATE).is_dir():
+            raise CheckpointError(
+                f"checkpoint {folder} has no {VALUE_STATE}/: it was written without a value "
+                "model (value_model.enabled was false)"
+            )
+        load_sharded(self.model, self.optimizer, folder / VALUE_STATE, weights=True)
 
 
 def scored_values(
