@@ -246,9 +246,10 @@ def load_sharded(
     each process's tensors cover."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_state_dict,
+        set_model_state_dict,
         set_optimizer_state_dict,
-        set_state_dict,
     )
 
     if not (folder / ".metadata").is_file():
@@ -258,16 +259,22 @@ def load_sharded(
         )
     inner = _unwrapped(optimizer)
     # The current state (the optimizer's initialised if need be) gives DCP the shapes and
-    # shards to fill; the loaded values then replace it.
+    # shards to fill; the loaded values then replace it. Parameters the saved optimizer held no
+    # state for (never given a gradient, e.g. a frozen tower) are left out, as they were.
     model_state, optimizer_state = get_state_dict(module, inner)
+    saved = {key for key in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata}
+    optimizer_state["state"] = {
+        name: entries
+        for name, entries in optimizer_state["state"].items()
+        if all(f"optimizer.state.{name}.{key}" in saved for key in entries)
+    }
     state = {"optimizer": optimizer_state, **({"model": model_state} if weights else {})}
     with _single_process_quietly():
         dcp.load(state, checkpoint_id=folder, no_dist=not _distributed())
     if weights:
-        set_state_dict(module, inner, model_state_dict=model_state,
-                       optim_state_dict=optimizer_state)  # fmt: skip
-    else:
-        set_optimizer_state_dict(module, inner, optimizer_state)
+        set_model_state_dict(module, model_state)
+    # Not strict: the parameters left out above keep no state, as when it was saved.
+    set_optimizer_state_dict(module, inner, optimizer_state, options=StateDictOptions(strict=False))
 
 
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
