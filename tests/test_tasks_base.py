@@ -80,8 +80,8 @@ def test_option_validation() -> None:
 
 
 def test_split_errors() -> None:
-    with pytest.raises(ValueError, match="cannot generate split 'validation'"):
-        SudokuTask().rows("validation")
+    with pytest.raises(ValueError, match="cannot generate split 'dev'"):
+        SudokuTask().rows("dev")
     with pytest.raises(ValueError, match="generated splits: none"):
         get_task("gsm8k", source="generated").rows("test")
     with pytest.raises(ValueError, match="no source for split 'train'"):

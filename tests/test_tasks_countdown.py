@@ -17,6 +17,7 @@ from unmask.tasks.countdown import (
     countdown_format,
     extract_equation,
     is_test_numbers,
+    numbers_split,
     render,
     solve,
 )
@@ -54,6 +55,27 @@ def test_splits_are_disjoint_by_numbers_and_seeded() -> None:
         seed=1, num_test=20
     ).rows("test")
     assert CountdownTask(seed=2, num_test=20).rows("test") != test[:20]
+
+
+def test_train_validation_and_test_are_disjoint_by_numbers() -> None:
+    """Each split draws its number multisets from its own hash buckets, for any seed, and is
+    the same every time it is made."""
+    for seed in (0, 3):
+        task = CountdownTask(seed=seed, num_train=1000)
+        rows = {split: task.rows(split) for split in ("train", "validation", "test")}
+        assert len(rows["validation"]) == 256 and len(rows["test"]) == 256  # the defaults
+        multisets = {s: {tuple(sorted(r["numbers"])) for r in found} for s, found in rows.items()}
+        assert not multisets["train"] & multisets["validation"]
+        assert not multisets["train"] & multisets["test"]
+        assert not multisets["validation"] & multisets["test"]
+        for split, found in rows.items():
+            assert all(numbers_split(r["numbers"]) == split for r in found)
+        assert rows["validation"] == CountdownTask(seed=seed).rows("validation")
+    assert len(CountdownTask(num_validation=30).rows("validation")) == 30
+    # About one multiset in ten goes to each held-out split.
+    drawn = [numbers_split(n) for n in [[a, b, 7] for a in range(1, 101) for b in range(a, 101)]]
+    assert 0.07 < drawn.count("validation") / len(drawn) < 0.13
+    assert 0.07 < drawn.count("test") / len(drawn) < 0.13
 
 
 def test_solver() -> None:

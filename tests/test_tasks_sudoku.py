@@ -78,12 +78,45 @@ def test_train_and_test_share_no_solution_grid() -> None:
     train = {r["solution"] for r in task.rows("train")}
     test = {r["solution"] for r in task.rows("test")}
     assert train.isdisjoint(test)
-    train_grids, test_grids = split_grids(88)
-    assert train <= set(train_grids) and test <= set(test_grids)
-    assert len(train_grids) == 200 and len(test_grids) == 88
+    grids = split_grids(88)
+    assert train <= set(grids["train"]) and test <= set(grids["test"])
+    assert len(grids["train"]) == 200 and len(grids["test"]) == 88
     # The grid split does not move with the seed: no leak between runs with other seeds.
     other = {r["solution"] for r in SudokuTask(seed=7, num_test=300).rows("test")}
-    assert other <= set(test_grids)
+    assert other <= set(grids["test"])
+
+
+def test_train_validation_and_test_are_disjoint_by_grid() -> None:
+    """Validation puzzles come from grids neither training nor test ever sees, for any seed."""
+    grids = split_grids(88, 20)
+    assert [len(grids[s]) for s in ("train", "validation", "test")] == [180, 20, 88]
+    assert set().union(*grids.values()) == set(all_grids())
+    assert split_grids(88, 0)["test"] == grids["test"]  # validation leaves test as it was
+    for seed in (0, 5):
+        task = SudokuTask(seed=seed, blanks=6, num_train=3000, validation_grids=20)
+        rows = {split: task.rows(split) for split in ("train", "validation", "test")}
+        assert len(rows["validation"]) == 256 and len(rows["test"]) == 256  # the defaults
+        solutions = {split: {r["solution"] for r in found} for split, found in rows.items()}
+        assert solutions["validation"] <= set(grids["validation"])
+        assert solutions["train"] <= set(grids["train"])
+        assert solutions["test"] <= set(grids["test"])
+        puzzles = {split: {r["puzzle"] for r in found} for split, found in rows.items()}
+        assert not puzzles["train"] & puzzles["validation"]
+        assert not puzzles["train"] & puzzles["test"]
+        assert not puzzles["validation"] & puzzles["test"]
+
+
+def test_validation_split_is_deterministic_and_sized() -> None:
+    first = SudokuTask(num_validation=40, validation_grids=20).rows("validation")
+    assert first == SudokuTask(num_validation=40, validation_grids=20).rows("validation")
+    assert len(first) == 40 and len({r["puzzle"] for r in first}) == 40
+    assert first != SudokuTask(seed=1, num_validation=40, validation_grids=20).rows("validation")
+    assert len(get_task("sudoku", validation_grids=20).rows("validation")) == 256
+    with pytest.raises(ValueError, match="validation_grids >= 1"):
+        SudokuTask().rows("validation")  # opt-in: no validation grids by default
+    # By default training keeps the 200 grids of SPG's split.
+    train = {r["solution"] for r in SudokuTask(num_train=3000).rows("train")}
+    assert train <= set(split_grids(88, 0)["train"]) and len(split_grids(88, 0)["train"]) == 200
 
 
 def test_generation_is_seeded() -> None:
@@ -101,7 +134,16 @@ def test_too_many_puzzles_for_the_grids_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"blanks": 0}, {"blanks": 13}, {"blanks": [5, 2]}, {"blanks": [1, 13]}, {"test_grids": 288}],
+    [
+        {"blanks": 0},
+        {"blanks": 13},
+        {"blanks": [5, 2]},
+        {"blanks": [1, 13]},
+        {"test_grids": 288},
+        {"validation_grids": -1},
+        {"test_grids": 88, "validation_grids": 200},
+        {"num_validation": 0},
+    ],
 )
 def test_bad_options(options: dict) -> None:
     with pytest.raises(ValueError):

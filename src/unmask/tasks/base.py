@@ -168,7 +168,8 @@ class Task:
     .parquet`` file or a hub dataset name, or a mapping ``{split: source}``. ``field_map``
     renames dataset columns to the task's names (merged over the task's own defaults);
     ``hub_splits`` maps a split to the hub's split expression (``{"test": "train[-500:]"}``).
-    ``num_train`` / ``num_test`` cap (files, hub) or set (generated) the size of a split.
+    ``num_train`` / ``num_validation`` / ``num_test`` cap (files, hub) or set (generated) the
+    size of a split.
     """
 
     name: ClassVar[str]
@@ -183,6 +184,7 @@ class Task:
     hub_config: str | None = None
     hub_splits: Mapping[str, str] | None = None
     num_train: int | None = None
+    num_validation: int | None = None
     num_test: int | None = None
     reward_funcs: list[RewardFunc] = field(default_factory=list)
     reward_weights: list[float] = field(default_factory=list)
@@ -193,7 +195,7 @@ class Task:
         has_chat_template = getattr(self.tokenizer, "chat_template", None) is not None
         if self.template == "chat" and self.tokenizer is not None and not has_chat_template:
             raise ValueError("template 'chat' needs a tokenizer with a chat template")
-        for option in ("num_train", "num_test"):
+        for option in ("num_train", "num_validation", "num_test"):
             value = getattr(self, option)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{option} must be a positive integer or None, got {value!r}")
@@ -248,7 +250,8 @@ class Task:
 
     def size(self, split: str) -> int | None:
         """The row cap (files, hub) or count (generated) of ``split``; None: all / default."""
-        return {"train": self.num_train, "test": self.num_test}.get(split)
+        sizes = {"train": self.num_train, "validation": self.num_validation, "test": self.num_test}
+        return sizes.get(split)
 
     def rows(self, split: str) -> list[dict[str, Any]]:
         """The task columns of ``split`` (no prompt or target yet)."""

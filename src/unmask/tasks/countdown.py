@@ -2,9 +2,9 @@
 
 Instances follow d1 / Countdown-Tasks-3to4 (numbers 1-100, targets 1-100). The generator only
 makes solvable instances, and an exhaustive solver gives the shortest equation as the SFT
-target. Train and test are split by the multiset of numbers (a fixed hash, the same for every
-seed), so no test instance's numbers appear in training. Equations are checked with the
-bounded parser of :mod:`unmask.rewards.arithmetic`, never ``eval``.
+target. Train, validation and test are split by the multiset of numbers (a fixed hash, the same
+for every seed), so no test or validation instance's numbers appear in training. Equations are
+checked with the bounded parser of :mod:`unmask.rewards.arithmetic`, never ``eval``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 NUM_NUMBERS = 3
 MAX_NUMBER = 100
 MAX_TARGET = 100
-TEST_BUCKETS = 10  # one number multiset in ten is a test multiset
+TEST_BUCKETS = 10  # one number multiset in ten is a test multiset, one in ten a validation one
+_SPLIT_OF_BUCKET = {0: "test", 1: "validation"}  # the other buckets are training's
 _INTEGER = re.compile(r"[0-9]+")
 _TOLERANCE = 1e-6  # float search; candidates are then checked exactly
 
@@ -92,10 +93,16 @@ def solve(numbers: Sequence[int], target: int) -> str | None:
     return _shortest_exact(trees, target)
 
 
+def numbers_split(numbers: Sequence[int]) -> str:
+    """The split (``train``, ``validation`` or ``test``) this number multiset belongs to
+    (fixed, seed-independent)."""
+    key = ",".join(str(n) for n in sorted(numbers)).encode()
+    return _SPLIT_OF_BUCKET.get(zlib.crc32(key) % TEST_BUCKETS, "train")
+
+
 def is_test_numbers(numbers: Sequence[int]) -> bool:
     """Whether this number multiset belongs to the test split (fixed, seed-independent)."""
-    key = ",".join(str(n) for n in sorted(numbers)).encode()
-    return zlib.crc32(key) % TEST_BUCKETS == 0
+    return numbers_split(numbers) == "test"
 
 
 def generate_instances(split: str, count: int, rng: random.Random) -> list[dict[str, Any]]:
@@ -111,7 +118,7 @@ def generate_instances(split: str, count: int, rng: random.Random) -> list[dict[
             )
         attempts += 1
         numbers = [rng.randint(1, MAX_NUMBER) for _ in range(NUM_NUMBERS)]
-        if is_test_numbers(numbers) != (split == "test"):
+        if numbers_split(numbers) != split:
             continue
         by_target: dict[int, list[Tree]] = {}
         for value, tree in _leaves(numbers):
@@ -200,8 +207,10 @@ def _numbers_field(row: Mapping[str, Any], where: str) -> list[int]:
 
 @dataclass(kw_only=True)
 class CountdownTask(Task):
-    """Countdown with 3 numbers. Files: d1's jsonl (``input: "a,b,c"``, ``output``) or
-    Countdown-Tasks-3to4 (``nums``, ``target``); rows without exactly 3 numbers are skipped."""
+    """Countdown with 3 numbers. Generated splits are disjoint by number multiset: one in ten
+    is test's, one in ten validation's (:func:`numbers_split`). Files: d1's jsonl (``input:
+    "a,b,c"``, ``output``) or Countdown-Tasks-3to4 (``nums``, ``target``); rows without exactly
+    3 numbers are skipped."""
 
     name: ClassVar[str] = "countdown"
     accuracy_reward: ClassVar[str] = "countdown_correct"
@@ -211,7 +220,7 @@ class CountdownTask(Task):
         "target": "target_number",
         "output": "target_number",
     }
-    default_sizes: ClassVar[Mapping[str, int]] = {"train": 10000, "test": 256}
+    default_sizes: ClassVar[Mapping[str, int]] = {"train": 10000, "validation": 256, "test": 256}
 
     source: str | Mapping[str, str] = GENERATED
     seed: int = 0

@@ -1,9 +1,9 @@
 """4x4 Sudoku: a seeded generator of unique-solution puzzles, the d1 CSV format, cell rewards.
 
 Grids and puzzles are 16-character strings, row by row, ``0`` for a blank (d1's format). Only
-288 valid 4x4 grids exist, so a model can memorise grids: train and test are split by solution
-grid, not by puzzle. The split is fixed (the same for every ``seed``), so a test grid is never
-a training grid across runs either.
+288 valid 4x4 grids exist, so a model can memorise grids: train, validation and test are split
+by solution grid, not by puzzle. The split is fixed (the same for every ``seed``), so a test or
+validation grid is never a training grid across runs either.
 """
 
 from __future__ import annotations
@@ -99,11 +99,18 @@ def make_puzzle(grid: str, blanks: int, rng: random.Random) -> str | None:
     return "".join(grid[i] if clues >> i & 1 else _BLANK for i in range(CELLS))
 
 
-def split_grids(test_grids: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(train grids, test grids): a fixed shuffle of the 288 grids, ``test_grids`` for test."""
+def split_grids(test_grids: int, validation_grids: int = 0) -> dict[str, tuple[str, ...]]:
+    """The grids of each split (``train``, ``validation``, ``test``): a fixed shuffle of the 288
+    grids, the first ``test_grids`` for test, the next ``validation_grids`` for validation and
+    the rest for training. The test grids do not depend on ``validation_grids``."""
     grids = list(all_grids())
     random.Random(_GRID_SPLIT_SEED).shuffle(grids)
-    return tuple(grids[test_grids:]), tuple(grids[:test_grids])
+    held_out = test_grids + validation_grids
+    return {
+        "train": tuple(grids[held_out:]),
+        "validation": tuple(grids[test_grids:held_out]),
+        "test": tuple(grids[:test_grids]),
+    }
 
 
 def generate_puzzles(
@@ -189,18 +196,21 @@ class SudokuTask(Task):
     """4x4 Sudoku. ``blanks`` (1-12) blank cells per generated puzzle, or ``[low, high]`` for a
     number drawn per puzzle (easier puzzles among the hard ones: a tiny model learns the rules
     from them reliably instead of by a seed-dependent jump); ``test_grids`` of the
-    288 grids are reserved for test (88 leaves 200 for training, as SPG's split). Files use
+    288 grids are reserved for test (88 leaves 200 for training, as SPG's split) and, when asked
+    for, ``validation_grids`` for the ``validation`` split (choosing hyperparameters; e.g. 20,
+    and training sees the other 180). Files use
     d1's ``Puzzle,Solution`` columns (or ``puzzle``/``solution``)."""
 
     name: ClassVar[str] = "sudoku"
     accuracy_reward: ClassVar[str] = "sudoku_solved"
     default_field_map: ClassVar[Mapping[str, str]] = {"Puzzle": "puzzle", "Solution": "solution"}
-    default_sizes: ClassVar[Mapping[str, int]] = {"train": 5000, "test": 256}
+    default_sizes: ClassVar[Mapping[str, int]] = {"train": 5000, "validation": 256, "test": 256}
 
     source: str | Mapping[str, str] = GENERATED
     seed: int = 0
     blanks: int | list[int] = 8
     test_grids: int = 88
+    validation_grids: int = 0  # opt-in: every recipe's training grids stay as they were
     reward_funcs: list[RewardFunc] = field(default_factory=lambda: [sudoku_cells, sudoku_solved])
     reward_weights: list[float] = field(default_factory=lambda: [1.0, 1.0])
 
@@ -214,11 +224,18 @@ class SudokuTask(Task):
             )
         if not 1 <= self.test_grids < len(all_grids()):
             raise ValueError(f"test_grids must be between 1 and 287, got {self.test_grids}")
+        if self.validation_grids < 0 or self.test_grids + self.validation_grids >= len(all_grids()):
+            raise ValueError(
+                f"validation_grids must be >= 0 and leave training at least one of the 288 "
+                f"grids besides the {self.test_grids} test grids, got {self.validation_grids}"
+            )
 
     def generate(self, split: str, count: int) -> list[dict[str, Any]]:
-        train, test = split_grids(self.test_grids)
+        grids = split_grids(self.test_grids, self.validation_grids)[split]
+        if not grids:
+            raise ValueError("the validation split needs validation_grids >= 1 (task option)")
         rng = random.Random(f"sudoku:{self.seed}:{split}")
-        pairs = generate_puzzles(train if split == "train" else test, count, self.blanks, rng)
+        pairs = generate_puzzles(grids, count, self.blanks, rng)
         return [{"puzzle": p, "solution": s} for p, s in pairs]
 
     def convert(self, row: dict[str, Any], where: str) -> dict[str, Any]:
