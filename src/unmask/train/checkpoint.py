@@ -262,7 +262,7 @@ def load_sharded(
     # shards to fill; the loaded values then replace it. Parameters the saved optimizer held no
     # state for (never given a gradient, e.g. a frozen tower) are left out, as they were.
     model_state, optimizer_state = get_state_dict(module, inner)
-    saved = {key for key in dcp.FileSystemReader(folder).read_metadata().state_dict_metadata}
+    saved = set(dcp.FileSystemReader(folder).read_metadata().state_dict_metadata)
     optimizer_state["state"] = {
         name: entries
         for name, entries in optimizer_state["state"].items()

@@ -35,7 +35,6 @@ from unmask.objectives.value import (
 )
 from unmask.sampling.rollout import Rollout
 from unmask.train.checkpoint import load_sharded, save_sharded
-from unmask.train.sharding import missing_passes
 from unmask.train.update import Update, Updater
 
 VALUE_STATE = "value_model"  # a DCP folder: the weights and the optimizer state, as sharded
@@ -106,8 +105,7 @@ class ValueLearner:
             spare = self._spare(rollout)
             old, metrics = self.update(views, views.per_token(returns), divisors, spare, rl_step)
         else:
-            self._spare_forwards(len(views), rollout)
-            old = self.values(views)
+            old = self.values(views, self._spare(rollout))
         values = _to_completion(views, old, ranks.shape)
         advantages = gae(values, rewards, ranks, cfg.gamma, cfg.lam) if anything else zeros
         if cfg.whiten:
@@ -122,31 +120,22 @@ class ValueLearner:
         return advantages, metrics
 
     @torch.no_grad()
-    def values(self, views: ViewBatch) -> torch.Tensor:
-        """Values of the scored tokens ``[N, W]`` (0 elsewhere), without gradients."""
+    def values(self, views: ViewBatch, spare: ViewBatch | None = None) -> torch.Tensor:
+        """Values of the scored tokens ``[N, W]`` (0 elsewhere), without gradients. Under FSDP2
+        every forward is a collective: with ``spare`` (a view, never empty), as many more
+        forwards of it, discarded, as the busiest process runs more micro-batches."""
         self.core.eval()
+        size, parallel = self.micro_batch_size, self.parallel
+        sharded = spare is not None and parallel.sharded
+        extra = parallel.spare_passes(-(-len(views) // size)) if sharded else 0
         out = []
         with self.accelerator.autocast():
-            for start in range(0, len(views), self.micro_batch_size):
-                chunk = views.select(slice(start, start + self.micro_batch_size))
+            for start in range(0, len(views), size):
+                chunk = views.select(slice(start, start + size))
                 out.append(scored_values(self.core, self.core, chunk))
-        return torch.cat(out) if out else torch.zeros(views.scored.shape, device=self.core.device)
-
-    @torch.no_grad()
-    def _spare_forwards(self, count: int, rollout: Rollout) -> None:
-        """Under FSDP2 every forward is a collective: while another process runs more
-        micro-batches of :meth:`values` than this one's ``count`` views make, forwards of a
-        spare view, discarded."""
-        if not self.parallel.sharded:
-            return
-        missing = missing_passes(self.accelerator, -(-count // self.micro_batch_size))
-        if not missing:
-            return
-        spare = self._spare(rollout)
-        self.core.eval()
-        with self.accelerator.autocast():
-            for _ in range(missing):
+            for _ in range(extra):
                 scored_values(self.core, self.core, spare)
+        return torch.cat(out) if out else torch.zeros(views.scored.shape, device=self.core.device)
 
     def _spare(self, rollout: Rollout) -> ViewBatch:
         """One view of ``rollout`` for zero-weight passes (never empty, unlike trained views)."""
