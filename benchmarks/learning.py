@@ -97,23 +97,25 @@ class Record:
 # -- models and evaluation -------------------------------------------------------------------
 def start_model(task: str, args: argparse.Namespace, work: Path) -> tuple[Path, Any]:
     """The recipe's SFT model (cached by recipe) and the recipe's plan."""
-    from unmask.quickstart import QuickstartConfig, _copy_model, _is_model, plan
+    from unmask.quickstart import QuickstartConfig, copy_model, is_model, plan
     from unmask.train.sft import SFTTrainer
 
     config = QuickstartConfig(task=task, output_dir=str(work / task / "sft"), progress=False,
                               task_options=VALIDATION.get(task, {}),
                               cache_dir=args.cache_dir)  # fmt: skip
     p = plan(config)
-    if not _is_model(p.sft_cache):
+    if not is_model(p.sft_cache):
         final = SFTTrainer(p.sft).train()
-        _copy_model(final, p.sft_cache)
+        copy_model(final, p.sft_cache)
     return p.sft_cache, p
 
 
 def evaluate(task: str, p: Any, model_dir: Path, split: str, limit: int,
-             modes: tuple[str, ...]) -> dict[str, float]:  # fmt: skip
+             modes: tuple[str, ...], seed: int = 0) -> dict[str, float]:  # fmt: skip
     """Accuracy on ``split`` in the quickstart's modes: ``accuracy`` sampled at the RL
-    temperature (the policy RL trains; the headline) and ``greedy_accuracy``."""
+    temperature (the policy RL trains; the headline) and ``greedy_accuracy``. ``seed`` seeds
+    the sampled decoding: each training seed's model gets its own, so the spread across seeds
+    includes the evaluation's sampling noise."""
     from unmask.eval.evaluate import evaluate as run
     from unmask.models.diffusion_lm import DiffusionLM
     from unmask.tasks.registry import build_task
@@ -124,7 +126,7 @@ def evaluate(task: str, p: Any, model_dir: Path, split: str, limit: int,
     began = time.perf_counter()
     for mode in modes:
         summary = run(model, data, p.eval_samplers[mode], split=split, limit=limit,
-                      batch_size=256, seed=0, progress=False)  # fmt: skip
+                      batch_size=256, seed=seed, progress=False)  # fmt: skip
         prefix = "" if mode == "sampled" else f"{mode}_"
         out[f"{prefix}accuracy"] = summary["accuracy"]
     out["eval_s"] = time.perf_counter() - began
@@ -268,7 +270,8 @@ def run_task(task: str, args: argparse.Namespace, record: Record, work: Path) ->
                     run = {k: swept[k] for k in ("steps", "planned_steps", "rl_s", "rl_cpu_s")}
                 else:
                     model, run = train(task, name, seed, best, steps[name], start, work, args)
-                test = evaluate(task, p, model, "test", args.test_limit, ("sampled", "greedy"))
+                modes = ("sampled", "greedy")
+                test = evaluate(task, p, model, "test", args.test_limit, modes, seed)
                 found = record.add({**key, **run, **test, "budget_s": budget_s})
             finals.append(found)
         acc = [f["accuracy"] for f in finals]

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from unmask.config import ConfigError, from_dict, to_dict
+from unmask.integrity import publish_folder
 from unmask.metrics import METRICS_FILE, read_metrics
 from unmask.sampling.sampler import SamplerConfig
 from unmask.tasks.registry import TASKS
@@ -210,14 +211,14 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
 
     sft_final = out / "sft" / FINAL
     show.stage(1, f"SFT {p.sft.model} on {config.task} ({p.sft.max_steps} steps)")
-    if _is_model(sft_final):
+    if is_model(sft_final):
         show.note(f"done already: {sft_final}")
-    elif _is_model(p.sft_cache):
-        _copy_model(p.sft_cache, sft_final)
+    elif is_model(p.sft_cache):
+        copy_model(p.sft_cache, sft_final)
         show.note(f"reused the cached SFT model {p.sft_cache}")
     else:
         SFTTrainer(_resuming(p.sft)).train()
-        _copy_model(sft_final, p.sft_cache)
+        copy_model(sft_final, p.sft_cache)
 
     show.stage(2, f"evaluate the SFT model on {config.eval_limit} held-out rows")
     first_eval = time.monotonic()
@@ -226,7 +227,7 @@ def run_quickstart(config: QuickstartConfig) -> dict[str, Any]:
 
     rl_final = out / "rl" / FINAL
     show.stage(3, f"RL ({config.objective}) from the SFT model")
-    if _is_model(rl_final):
+    if is_model(rl_final):
         show.note(f"done already: {rl_final}")
     else:
         rl = _resuming(p.rl)
@@ -393,18 +394,19 @@ def _evaluate(
     return summaries
 
 
-def _is_model(path: Path) -> bool:
+def is_model(path: Path) -> bool:
+    """Whether ``path`` holds a finished model folder (config and weights)."""
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def _copy_model(src: Path, dst: Path) -> None:
-    """Copy a model folder atomically (a temporary sibling, then a rename)."""
+def copy_model(src: Path, dst: Path) -> None:
+    """Copy a model folder atomically: a temporary sibling, published by rename, so a crash
+    never leaves a half-copied cache entry that a later run would reuse."""
     tmp = dst.with_name(f".tmp-{dst.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp.rename(dst)
+    publish_folder(tmp, dst)
 
 
 def _default_cache() -> Path:
