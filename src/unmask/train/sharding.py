@@ -46,22 +46,26 @@ class FSDPConfig:
 def resolve_fsdp(config: FSDPConfig, mixed_precision: str) -> FSDPConfig:
     """The settings to run with: ``config``, or those of an ``accelerate launch`` with an
     FSDP2 config (read from the environment it sets, on CPU too, where accelerate itself
-    would fall back to DDP). FSDP1 configs are refused."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
-        return config
-    if os.environ.get("FSDP_VERSION", "1") != "2":
-        raise ValueError(
-            "accelerate's FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
-            "(configs/accelerate/fsdp.yaml)"
+    would fall back to DDP). FSDP1 configs are refused, and so is fp16 under FSDP2."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise ValueError(
+                "accelerate's FSDP1 is not supported: set fsdp_version: 2 in the accelerate "
+                "config (configs/accelerate/fsdp.yaml)"
+            )
+        flag = {"true": True, "false": False}
+        config = replace(
+            config,
+            enabled=True,
+            bf16=config.bf16 or mixed_precision == "bf16",
+            cpu_offload=config.cpu_offload or flag[os.environ.get("FSDP_OFFLOAD_PARAMS", "false")],
+            reshard_after_forward=flag[os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")],
         )
-    flag = {"true": True, "false": False}
-    return replace(
-        config,
-        enabled=True,
-        bf16=config.bf16 or mixed_precision == "bf16",
-        cpu_offload=config.cpu_offload or flag[os.environ.get("FSDP_OFFLOAD_PARAMS", "false")],
-        reshard_after_forward=flag[os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true")],
-    )
+    if config.enabled and mixed_precision == "fp16":
+        # The sharded gradients are clipped without accelerate's unscaling, so fp16's loss
+        # scaler would clip scaled gradients and never see an overflow.
+        raise ValueError("mixed_precision: fp16 is not supported with FSDP2; use bf16 (or no)")
+    return config
 
 
 def decoder_layers(model: DiffusionLM) -> list[nn.Module]:

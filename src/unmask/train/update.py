@@ -120,7 +120,11 @@ class Updater:
         grad_norm = float(self.parallel.clip_grad_norm(self.model, self.max_grad_norm))
         skipped = self.guard.skip(loss, grad_norm, step)
         if not skipped:
-            self.optimizer.step()
+            self.optimizer.step()  # under fp16 this also updates the loss scale
+        elif getattr(self.accelerator, "scaler", None) is not None:
+            # fp16: an overflow is what a too-large loss scale looks like; back it off, or every
+            # later step overflows as well and the run stops after max_bad_steps.
+            self.accelerator.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return Update(loss, grad_norm, skipped)
 
