@@ -121,7 +121,7 @@ class Updater:
         skipped = self.guard.skip(loss, grad_norm, step)
         if not skipped:
             self.optimizer.step()  # under fp16 this also updates the loss scale
-        elif getattr(self.accelerator, "scaler", None) is not None:
+        elif self.accelerator.scaler is not None:
             # fp16: an overflow is what a too-large loss scale looks like; back it off, or every
             # later step overflows as well and the run stops after max_bad_steps.
             self.accelerator.scaler.update()
