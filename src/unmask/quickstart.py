@@ -60,8 +60,8 @@ RECIPES: dict[str, Recipe] = {
         model="nano-block",
         task_options={"blanks": 10, "num_test": 512},
         # The answer is 16 digits: decoding only those skips the EOS block (4 of the 20
-        # columns), a step about 15% cheaper with the same digits (blocks before it never see
-        # it), which buys RL 100 more steps inside the 10 minutes.
+        # columns; the digits' blocks never attend to it), a step about 15% cheaper, which
+        # buys RL 100 more steps inside the 10 minutes.
         gen_length=16,
         # SFT to convergence on puzzles of 1 to 6 blanks, so every seed starts alike: the easy
         # ones teach the rules (on 6 blanks alone some seeds sat on a plateau for 500+ steps)
