@@ -7,9 +7,12 @@ records overflows) and prepared optimizer run as they do on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from unmask.train.distributed import Parallel
@@ -17,6 +20,17 @@ from unmask.train.sharding import FSDPConfig, resolve_fsdp
 from unmask.train.update import UpdateGuard, Updater
 
 INIT_SCALE = 2.0**16  # GradScaler's default: one unit of gradient at this scale overflows fp16
+
+
+@pytest.fixture(autouse=True)
+def _own_accelerator_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state, fixed by the first Accelerator (other tests'
+    ``mixed_precision: no``): start this file's from scratch and give the others theirs back."""
+    saved = dict(AcceleratorState._shared_state)
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+    AcceleratorState._shared_state.update(saved)
 
 
 def _fp16_updater(init_scale: float = INIT_SCALE) -> tuple[Updater, nn.Module, Accelerator]:
