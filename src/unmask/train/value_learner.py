@@ -138,8 +138,9 @@ class ValueLearner:
         return torch.cat(out) if out else torch.zeros(views.scored.shape, device=self.core.device)
 
     def _spare(self, rollout: Rollout) -> ViewBatch:
-        """One view of ``rollout`` for zero-weight passes (never empty, unlike trained views)."""
-        return self.views(rollout).select(slice(0, 1))
+        """One view of ``rollout`` for zero-weight passes (never empty, unlike trained views),
+        built from its first rollout only: it is needed every step, its content never."""
+        return self.views(rollout.select(slice(0, 1))).select(slice(0, 1))
 
     def update(
         self,
