@@ -16,7 +16,6 @@ from unmask.tasks.countdown import (
     countdown_correct,
     countdown_format,
     extract_equation,
-    is_test_numbers,
     numbers_split,
     render,
     solve,
@@ -50,7 +49,7 @@ def test_splits_are_disjoint_by_numbers_and_seeded() -> None:
     assert not {tuple(sorted(r["numbers"])) for r in train} & {
         tuple(sorted(r["numbers"])) for r in test
     }
-    assert all(is_test_numbers(r["numbers"]) for r in test)
+    assert all(numbers_split(r["numbers"]) == "test" for r in test)
     assert CountdownTask(seed=1, num_test=20).rows("test") == CountdownTask(
         seed=1, num_test=20
     ).rows("test")

@@ -100,11 +100,6 @@ def numbers_split(numbers: Sequence[int]) -> str:
     return _SPLIT_OF_BUCKET.get(zlib.crc32(key) % TEST_BUCKETS, "train")
 
 
-def is_test_numbers(numbers: Sequence[int]) -> bool:
-    """Whether this number multiset belongs to the test split (fixed, seed-independent)."""
-    return numbers_split(numbers) == "test"
-
-
 def generate_instances(split: str, count: int, rng: random.Random) -> list[dict[str, Any]]:
     """``count`` distinct solvable instances whose numbers belong to ``split``; the target is
     drawn uniformly from the integers in 1..MAX_TARGET that the numbers reach."""
