@@ -149,3 +149,17 @@ def test_compiled_step_equals_eager_uncached():
     # One real compilation (CPU inductor, about a minute here): static cache, two step shapes.
     model = from_preset("nano-block", seed=9).eval()
     _exact(_generate(model, cache="kv", compile=True), _generate(model, cache="none"))
+
+
+def test_static_kv_cache_runs_under_bf16_autocast_with_fp32_weights():
+    """Full training on a GPU keeps fp32 weights under bf16 autocast; the static cache then
+    received bf16 values (and fp32 keys, from Qwen3's k_norm) and refused them at step one."""
+    torch.manual_seed(0)
+    model = from_preset("nano-block")
+    assert model.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _generate(model, cache="kv")
+    eager = _generate(model, cache="none")
+    assert out.completion_ids.shape == eager.completion_ids.shape
+    assert bool((out.completion_ids != model.mask_token_id).all())
+    assert bool(torch.isfinite(out.logprobs).all())

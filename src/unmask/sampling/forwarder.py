@@ -142,11 +142,34 @@ class Forwarder:
         )
 
 
+class _StaticCache(StaticCache):
+    """A static cache that stores keys and values in its own dtype.
+
+    Under autocast the projections of fp32 weights come out in bf16 while a key normalised
+    with an fp32 weight (Qwen3's ``k_norm``) comes out in fp32, and the static cache's
+    in-place write refused the mismatch: every rollout of a block model in fp32 weights with
+    bf16 autocast (full training on a GPU) failed at its first step.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.layers[layer_idx].keys.dtype
+        return super().update(
+            key_states.to(dtype), value_states.to(dtype), layer_idx, *args, **kwargs
+        )
+
+
 def _static_cache(model: DiffusionLM, canvas: Canvas) -> StaticCache:
-    """A KV cache preallocated for the whole canvas: the steps never change its shapes."""
+    """A KV cache preallocated for the whole canvas: the steps never change its shapes. Under
+    autocast it holds the autocast dtype, the one attention computes in."""
     config = model.config
-    cache = StaticCache(config=config, max_cache_len=canvas.ids.shape[1])
+    cache = _StaticCache(config=config, max_cache_len=canvas.ids.shape[1])
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    cache.early_initialization(len(canvas.ids), heads, head_dim, model.dtype, model.device)
+    device = model.device
+    dtype = model.dtype
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    cache.early_initialization(len(canvas.ids), heads, head_dim, dtype, device)
     return cache
