@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unmask.objectives.loss import ClipConfig, LossInputs, k3, normalizers, policy_loss
+from unmask.objectives.loss import ClipConfig, LossInputs, normalizers, policy_loss
 from unmask.sampling import Rollout
 
 # one view of one rollout, five scored tokens: (ratio, advantage)
@@ -56,13 +56,23 @@ def test_symmetric_clip_when_epsilon_high_is_unset():
     assert out.loss.item() == pytest.approx((-0.5 + 0.8 - 1.2 + 1.5 - 2.2) / 5, abs=1e-6)
 
 
+def _k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 by hand: exp(d) - d - 1 with d = log ref - log pi."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
+
+
 def test_k3_kl_matches_hand_value_and_is_nonnegative():
-    logp = torch.tensor([-1.0, -2.0, -0.3])
-    ref = torch.tensor([-1.5, -1.0, -0.3])
-    hand = [math.exp(d) - d - 1 for d in (-0.5, 1.0, 0.0)]
-    torch.testing.assert_close(k3(logp, ref), torch.tensor(hand))
-    x, y = torch.randn(1000), torch.randn(1000)
-    assert (k3(x, y) >= 0).all()
+    new = torch.tensor([[-1.0, -2.0, -0.3, -0.7, -1.1]])
+    ref = torch.tensor([[-1.5, -1.0, -0.3, -0.2, -3.0]])
+    hand = [math.exp(d) - d - 1 for d in (-0.5, 1.0, 0.0, 0.5, -1.9)]
+    scored = torch.ones(1, 5, dtype=torch.bool)
+    out = _loss(new, new, torch.zeros(1, 5), scored, ref_logprobs=ref, beta=0.1)
+    assert out.metrics["kl"].item() == pytest.approx(sum(hand) / 5)
+    x, y = torch.randn(1, 1000), torch.randn(1, 1000)
+    every = torch.ones(1, 1000, dtype=torch.bool)
+    # zero advantages: the loss is beta times the summed KL, which is positive
+    assert _loss(x, x, torch.zeros(1, 1000), every, ref_logprobs=y, beta=1.0).loss.item() > 0
 
 
 def test_kl_term_is_added_with_beta():
@@ -70,7 +80,7 @@ def test_kl_term_is_added_with_beta():
     ref = old - 0.3
     plain = _loss(new, old, adv, scored)
     with_kl = _loss(new, old, adv, scored, ref_logprobs=ref, beta=0.1)
-    kl = k3(new.detach(), ref)
+    kl = _k3(new.detach(), ref)
     assert with_kl.loss.item() == pytest.approx(plain.loss.item() + 0.1 * kl.sum().item() / 5)
     assert with_kl.metrics["kl"].item() == pytest.approx(kl.mean().item())
     assert "kl" not in plain.metrics

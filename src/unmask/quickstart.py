@@ -91,11 +91,6 @@ RECIPES: dict[str, Recipe] = {
         rl={"max_steps": 250, **_RL},
     ),
 }
-# Both evaluations, before and after RL: the policy RL trains (sampled at the RL sampler's
-# temperature; the headline) and greedy decoding.
-MODES: tuple[str, ...] = ("sampled", "greedy")
-
-
 # Every QuickstartConfig field, as `unmask quickstart --help` and docs/quickstart.md list them.
 OPTIONS: dict[str, str] = {
     "task": "sudoku (default) or countdown; picks the recipe",

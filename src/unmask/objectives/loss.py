@@ -114,11 +114,6 @@ def global_normalizers(
     return normalizers(rollout, loss_type, kept, tokens, rollouts, accelerator.num_processes)
 
 
-def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimate of ``KL(pi || ref)`` per sample; always >= 0."""
-    return _k3((ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
-
-
 @dataclass(frozen=True)
 class ClipConfig:
     """How the surrogate is clipped and regularised (TRL's names): the ratio is clipped to
@@ -215,6 +210,7 @@ def _clamped_difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) ->
 
 
 def _k3(delta: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of ``KL(pi || ref)`` from ``delta = log ref - log pi``; >= 0."""
     return torch.exp(delta) - delta - 1
 
 

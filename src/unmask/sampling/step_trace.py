@@ -57,10 +57,6 @@ class StepTrace:
         """``[S, B, L]``: accepted positions of active steps: the trajectory's actions."""
         return self.accepted & self.active[..., None]
 
-    def steps_per_row(self) -> torch.Tensor:
-        """Active steps of each row ``[B]`` (its decoder forwards)."""
-        return self.active.sum(dim=0)
-
     def log_likelihood(self) -> torch.Tensor:
         """Sum of the accepted tokens' log-probs per row ``[B]`` (fp64): the trajectory's
         log-probability up to the parameter-free uniform-noise terms."""
