@@ -159,7 +159,6 @@ def test_static_kv_cache_runs_under_bf16_autocast_with_fp32_weights():
     assert model.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _generate(model, cache="kv")
-    eager = _generate(model, cache="none")
-    assert out.completion_ids.shape == eager.completion_ids.shape
+    assert out.completion_ids.shape == (len(PROMPTS), 16)
     assert bool((out.completion_ids != model.mask_token_id).all())
     assert bool(torch.isfinite(out.logprobs).all())
